@@ -1,0 +1,181 @@
+"""The user-facing generator: `Llama.build`, `generate`, `text_completion` and streaming."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TypedDict
+
+import torch
+
+from .checkpoint import open_checkpoint
+from .loader import (choose_attention_backend, count_expected_tensors, default_device, default_dtype,
+                     empty_model, fill_model)
+from .memory import describe_memory
+from .model import Transformer
+from .sampling import next_tokens
+from .tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+QUANT_MODES = ("none",)
+
+
+class CompletionPrediction(TypedDict):
+    generation: str
+    tokens: list[int]
+
+
+class Llama:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def build(ckpt_dir: str | Path | list[str | Path], tokenizer_path: str | Path | None = None,
+              max_seq_len: int = 512, max_batch_size: int = 1, quant: str = "none",
+              device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+              attention: str | None = None) -> Llama:
+        """Load a checkpoint folder (Meta or Hugging Face) and its tokenizer, ready to generate.
+
+        max_seq_len x max_batch_size sizes the KV cache, allocated once here. attention picks the
+        backend ("flash", "sdpa", "math"); None takes flash-attn where it is installed and usable.
+        """
+        start = time.perf_counter()
+        folders = [ckpt_dir] if isinstance(ckpt_dir, (str, Path)) else list(ckpt_dir)
+        if len(folders) != 1:
+            raise ValueError(f"ckpt_dir: expected one checkpoint folder, got {len(folders)}")
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant: {quant!r} is not one of {QUANT_MODES}")
+        if max_batch_size < 1 or max_seq_len < 2:
+            raise ValueError(f"max_batch_size ({max_batch_size}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
+        checkpoint = open_checkpoint(folders[0])
+        tokenizer = load_tokenizer(find_tokenizer_file(checkpoint.folder, tokenizer_path))
+        device = torch.device(device) if device is not None else default_device()
+        dtype = resolve_dtype(dtype, device)
+        backend = choose_attention_backend(attention, device, dtype)
+        model = empty_model(checkpoint.args, backend)
+        fill_model(model, checkpoint.tensors(), device, dtype, total=count_expected_tensors(checkpoint.args))
+        model.setup_caches(max_batch_size, max_seq_len, dtype, device)
+        model.eval()
+        log.info("Loaded %s checkpoint %s in %.1f s (%s, %s, %s attention): %s", checkpoint.format,
+                 checkpoint.folder, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
+                 backend, describe_memory(model, device))
+        return Llama(model, tokenizer)
+
+    @torch.inference_mode()
+    def iter_generate(self, prompt_tokens: list[list[int]], max_gen_len: int | None = None,
+                      temperature: float = 0.6, top_p: float = 0.9, repetition_penalty: float = 1.0,
+                      seed: int | None = None) -> Iterator[list[int | None]]:
+        """Yield, at each step, the token each sequence generated, or None where it is still reading
+        its prompt or has stopped. Prompts of different lengths share the batch: all run together
+        from the shortest prompt's end, and a longer prompt's own tokens are fed instead of samples."""
+        self.check_batch(prompt_tokens)
+        model = self.model
+        bsz, max_prompt = len(prompt_tokens), max(len(t) for t in prompt_tokens)
+        if max_gen_len is None:
+            max_gen_len = model.max_seq_len - 1
+        total_len = min(model.max_seq_len, max_gen_len + max_prompt)
+        device = model.rope_cos.device
+        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
+        is_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)
+        for i, t in enumerate(prompt_tokens):
+            tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+            is_prompt[i, :len(t)] = True
+        seen = torch.zeros((bsz, model.args.vocab_size), dtype=torch.bool, device=device)
+        if repetition_penalty != 1.0:
+            for i, t in enumerate(prompt_tokens):
+                seen[i, t] = True
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), dtype=torch.long, device=device)
+        done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        prev_pos = 0
+        for cur_pos in range(min(len(t) for t in prompt_tokens), total_len):
+            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=True)[:, -1]
+            sampled = next_tokens(logits, temperature, top_p, repetition_penalty, seen, generator)
+            forced = is_prompt[:, cur_pos]
+            nxt = torch.where(forced, tokens[:, cur_pos], sampled)
+            tokens[:, cur_pos] = nxt
+            seen[torch.arange(bsz, device=device), nxt] = True
+            emitted = ~forced & ~done
+            yield [int(t) if e else None for t, e in zip(nxt.tolist(), emitted.tolist())]
+            done |= emitted & torch.isin(nxt, stop_ids)
+            prev_pos = cur_pos
+            if bool(done.all()):
+                break
+
+    def check_batch(self, prompt_tokens: list[list[int]]) -> None:
+        """Refuse what the preallocated cache cannot hold, before any work is done."""
+        model = self.model
+        if not prompt_tokens:
+            raise ValueError("no prompts given")
+        if len(prompt_tokens) > model.max_batch_size:
+            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={model.max_batch_size}; "
+                             "raise --max_batch_size or pass fewer prompts")
+        for i, t in enumerate(prompt_tokens):
+            if not t:
+                raise ValueError(f"prompt {i} is empty after tokenization")
+            if len(t) >= model.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(t)} tokens; max_seq_len={model.max_seq_len} leaves no "
+                                 "room to generate: raise --max_seq_len or shorten the prompt")
+
+    def generate(self, prompt_tokens: list[list[int]], max_gen_len: int | None = None, temperature: float = 0.6,
+                 top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int | None = None) -> list[list[int]]:
+        """The generated tokens of each prompt, stop token excluded."""
+        out: list[list[int]] = [[] for _ in prompt_tokens]
+        for step in self.iter_generate(prompt_tokens, max_gen_len, temperature, top_p, repetition_penalty, seed):
+            for seq, t in zip(out, step):
+                if t is not None:
+                    seq.append(t)
+        return [cut_at_stop(seq, self.tokenizer.stop_ids) for seq in out]
+
+    def text_completion(self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: int | None = None, repetition_penalty: float = 1.0,
+                        seed: int | None = None) -> list[CompletionPrediction]:
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        generated = self.generate(prompt_tokens, max_gen_len, temperature, top_p, repetition_penalty, seed)
+        return [{"generation": self.tokenizer.decode(t), "tokens": t} for t in generated]
+
+    def stream_completion(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
+                          max_gen_len: int | None = None, repetition_penalty: float = 1.0,
+                          seed: int | None = None) -> Iterator[str]:
+        """Yield the completion of one prompt piece by piece as it is generated."""
+        tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        yield from self.stream_tokens(tokens, temperature, top_p, max_gen_len, repetition_penalty, seed)
+
+    def stream_tokens(self, prompt_tokens: list[int], temperature: float, top_p: float,
+                      max_gen_len: int | None, repetition_penalty: float, seed: int | None) -> Iterator[str]:
+        # Decoding one piece at a time loses SentencePiece's leading spaces and splits multi-byte
+        # characters: decode everything so far and yield what is new.
+        ids: list[int] = []
+        text = ""
+        for (t,) in self.iter_generate([prompt_tokens], max_gen_len, temperature, top_p, repetition_penalty, seed):
+            if t is None or t in self.tokenizer.stop_ids:
+                continue
+            ids.append(t)
+            new_text = self.tokenizer.decode(ids)
+            if new_text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for its remaining bytes
+            yield new_text[len(text):]
+            text = new_text
+
+
+def cut_at_stop(tokens: list[int], stop_ids: frozenset[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i]
+    return tokens
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype: {dtype!r} is not one of float32, bfloat16, float16")
+    return names[dtype]

@@ -1,0 +1,260 @@
+"""The LLaMA family as plain PyTorch modules: config, norm, rotary, cache, attention, MLP, blocks.
+
+Parameter names follow Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ...), and the
+rotary embedding uses Meta's interleaved layout (dimension pairs 2i, 2i+1); Hugging Face weights are
+converted to it when read. No I/O and no quantization here: the loader fills the parameters and the
+quantizer swaps `nn.Linear` modules from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_BACKENDS = ("sdpa", "flash", "math")
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    head_dim: int | None = None  # None: dim // n_heads
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    hidden_dim: int | None = None  # explicit feed-forward size; overrides Meta's rule
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": "llama3" | "linear", ...}
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    max_position_embeddings: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Feed-forward width: explicit, or Meta's rule (2/3 of 4*dim, scaled, rounded up)."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32: half-precision sums of squares lose the small activations.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inverse_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Per-pair rotary frequencies [head_dim // 2], with Llama 3.1 or linear scaling applied."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    kind = args.rope_scaling.get("rope_type", args.rope_scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq.float()
+    factor = float(args.rope_scaling["factor"])
+    if kind == "linear":
+        return (inv_freq / factor).float()
+    if kind == "llama3":
+        low = float(args.rope_scaling.get("low_freq_factor", 1.0))
+        high = float(args.rope_scaling.get("high_freq_factor", 4.0))
+        old_len = float(args.rope_scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, blended)
+        return torch.where(wavelen < old_len / high, inv_freq, scaled).float()
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+
+
+def rope_tables(args: ModelArgs, seq_len: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each [seq_len, head_dim // 2] float32."""
+    inv_freq = rope_inverse_frequencies(args).to(device)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [b, s, h, d] by the angles of cos/sin [s, d/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [b, s, h, d/2, 2]
+    x0, x1 = pairs.unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [s, 1, d/2]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position so far, preallocated as [batch, kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [b, kv_heads, s, d] at start_pos; return all keys and values up to the last one."""
+        b, _, s, _ = k.shape
+        end = start_pos + s
+        self.k[:b, :, start_pos:end] = k
+        self.v[:b, :, start_pos:end] = v
+        return self.k[:b, :, :end], self.v[:b, :, :end]
+
+
+def causal_mask(start_pos: int, s: int, device: torch.device) -> torch.Tensor:
+    """Boolean [s, start_pos + s]: query i (at position start_pos + i) sees keys 0..start_pos + i.
+
+    SDPA's is_causal aligns the triangle top-left, which is wrong once queries continue a cache,
+    so the mask is always explicit here.
+    """
+    q_pos = torch.arange(start_pos, start_pos + s, device=device)[:, None]
+    k_pos = torch.arange(start_pos + s, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, backend: str) -> torch.Tensor:
+    """Causal attention of q [b, s, h, d] over cached k, v [b, kv_h, t, d]; returns [b, s, h, d].
+
+    Every backend uses the same convention: the query at position p sees keys 0..p.
+    """
+    s = q.shape[1]
+    if backend == "flash":
+        from flash_attn import flash_attn_func  # imported lazily: optional, CUDA-only
+
+        # flash-attn >= 2.1 aligns the causal mask bottom-right, matching a query block that ends the cache.
+        out = flash_attn_func(q, k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out
+    q = q.transpose(1, 2)  # [b, h, s, d]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # [b, h, t, d]
+        v = v.repeat_interleave(groups, dim=1)
+    mask = None if s == 1 else causal_mask(start_pos, s, q.device)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [b, h, s, t]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = (scores.softmax(-1) @ v.float()).to(q.dtype)
+    return out.transpose(1, 2)  # [b, s, h, d]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, backend: str):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.backend = backend
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), start_pos)  # [b, kv_h, t, d]
+        out = attend(q, keys, values, start_pos, self.backend)  # [b, s, h, d]
+        return self.wo(out.reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1, w3, w2 are Hugging Face's gate, up and down projections."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, backend: str):
+        super().__init__()
+        self.attention = Attention(args, backend)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, attention_backend: str = "sdpa"):
+        super().__init__()
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {attention_backend!r} is not one of {ATTENTION_BACKENDS}")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, attention_backend) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
+                     device: torch.device | str) -> None:
+        """Allocate the KV cache and rotary tables for up to max_batch_size x max_seq_len tokens."""
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        a = self.args
+        for layer in self.layers:
+            layer.attention.cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype, device)
+        cos, sin = rope_tables(a, max_seq_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def cache_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for layer in self.layers for b in layer.attention.cache.buffers())
+
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """Logits (float32) for tokens [b, s] placed at positions start_pos..start_pos+s-1.
+
+        Returns [b, s, vocab], or [b, 1, vocab] for the last position when last_only is set.
+        """
+        b, s = tokens.shape
+        if b > self.max_batch_size or start_pos + s > self.max_seq_len:
+            raise ValueError(f"{b} sequences up to position {start_pos + s} exceed the cache "
+                             f"({self.max_batch_size} x {self.max_seq_len}); call setup_caches with more")
+        h = self.tok_embeddings(tokens)
+        cos = self.rope_cos[start_pos:start_pos + s]
+        sin = self.rope_sin[start_pos:start_pos + s]
+        for layer in self.layers:
+            h = layer(h, start_pos, cos, sin)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()

@@ -1,0 +1,149 @@
+"""Tokenizers: SentencePiece `tokenizer.model` and Hugging Face `tokenizer.json`, behind one interface."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Protocol
+
+# Special tokens that end an assistant's turn in the common chat formats; honoured as stop tokens
+# when the tokenizer marks them special.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
+                      "<end_of_turn>", "</s>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing or of a kind this project cannot read."""
+
+
+class Tokenizer(Protocol):
+    bos_id: int | None
+    eos_id: int | None
+    stop_ids: frozenset[int]
+    vocab_size: int
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def token_id(self, piece: str) -> int | None: ...
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: Path):
+        from sentencepiece import SentencePieceProcessor
+
+        reject_tiktoken_file(path)
+        try:
+            self.sp = SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from e
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id = none_if_negative(self.sp.bos_id())
+        self.eos_id = none_if_negative(self.sp.eos_id())
+        self.stop_ids = frozenset({self.eos_id} - {None})
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of text, with BOS/EOS ids (never their literal text) added on request."""
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + (
+            [self.eos_id] if eos and self.eos_id is not None else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def token_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+
+def none_if_negative(i: int) -> int | None:
+    return None if i < 0 else i
+
+
+def reject_tiktoken_file(path: Path) -> None:
+    """Llama 3's Meta-format tokenizer.model is a tiktoken BPE table (text lines 'base64 rank')."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if re.match(rb"[A-Za-z0-9+/=]+ \d+\n", head):
+        raise TokenizerError(f"{path}: this is a tiktoken BPE file (Llama 3's Meta format), not SentencePiece; "
+                             "use the Hugging Face tokenizer.json of the same model with --tokenizer_path")
+
+
+class HFTokenizer:
+    """A `tokenizer.json`, with BOS/EOS and stop tokens from the configs that sit beside it."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        try:
+            self.tok = FastTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception subclass for parse errors
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from e
+        folder = path.parent
+        tok_cfg = read_optional_json(folder / "tokenizer_config.json")
+        gen_cfg = read_optional_json(folder / "generation_config.json")
+        model_cfg = read_optional_json(folder / "config.json")
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self.special_id(tok_cfg.get("bos_token"), model_cfg.get("bos_token_id"))
+        self.eos_id = self.special_id(tok_cfg.get("eos_token"), model_cfg.get("eos_token_id"))
+        # Whether BOS is prepended: the config says so, or the tokenizer's own post-processor adds it.
+        self.add_bos = tok_cfg.get("add_bos_token", self.post_processor_adds_bos())
+        self.stop_ids = frozenset(self.collect_stop_ids(gen_cfg, model_cfg))
+
+    def special_id(self, token: str | dict | None, fallback: int | list | None) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and self.tok.token_to_id(token) is not None:
+            return self.tok.token_to_id(token)
+        if isinstance(fallback, list):
+            fallback = fallback[0] if fallback else None
+        return fallback
+
+    def post_processor_adds_bos(self) -> bool:
+        with_special = self.tok.encode("a", add_special_tokens=True).ids
+        return self.bos_id is not None and len(with_special) > 0 and with_special[0] == self.bos_id
+
+    def collect_stop_ids(self, gen_cfg: dict, model_cfg: dict) -> set[int]:
+        stops = {self.eos_id} - {None}
+        for cfg in (gen_cfg, model_cfg):
+            ids = cfg.get("eos_token_id")
+            stops.update(ids if isinstance(ids, list) else [ids] if isinstance(ids, int) else [])
+        special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        stops.update(self.tok.token_to_id(t) for t in END_OF_TURN_TOKENS if t in special)
+        return stops
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of text; bos prepends BOS when this tokenizer uses one, eos appends EOS."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        prefix = [self.bos_id] if bos and self.add_bos and self.bos_id is not None else []
+        return prefix + ids + ([self.eos_id] if eos and self.eos_id is not None else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+
+def read_optional_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def find_tokenizer_file(ckpt_dir: Path, tokenizer_path: str | Path | None = None) -> Path:
+    """The tokenizer for a checkpoint: the given path (file or folder), else the checkpoint folder's,
+    else its parent's (Meta's download puts tokenizer.model beside the size folders)."""
+    candidates = [Path(tokenizer_path)] if tokenizer_path is not None else [ckpt_dir, ckpt_dir.parent]
+    for place in candidates:
+        if place.is_file():
+            return place
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (place / name).is_file():
+                return place / name
+    where = " or ".join(str(c) for c in candidates)
+    raise TokenizerError(f"no tokenizer.json or tokenizer.model found in {where}; pass --tokenizer_path")
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)
