@@ -245,7 +245,7 @@ def read_hf_tensors(folder: Path, args: ModelArgs) -> Iterator[NamedTensor]:
 @dataclass
 class Checkpoint:
     folder: Path
-    format: str  # "meta" | "hf"
+    format: str  # "meta" | "hf" | "prebaked" (read by prebaked.load_prebaked, not tensors())
     args: ModelArgs
 
     def tensors(self) -> Iterator[NamedTensor]:
@@ -258,6 +258,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder does not exist")
+    from .prebaked import is_prebaked_folder, prebaked_model_args  # imported here: it imports this module
+
+    if is_prebaked_folder(folder):
+        return Checkpoint(folder, "prebaked", prebaked_model_args(folder))
     if (folder / "params.json").exists():
         return Checkpoint(folder, "meta", meta_model_args(folder))
     if (folder / "config.json").exists():

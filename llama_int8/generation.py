@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TypedDict
 
@@ -15,13 +15,12 @@ from .loader import (choose_attention_backend, count_expected_tensors, default_d
                      empty_model, fill_model)
 from .memory import describe_memory
 from .model import Transformer
+from .prebaked import load_prebaked
+from .quantize import make_linear_hook, parse_quant_mode
 from .sampling import next_tokens
 from .tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-QUANT_MODES = ("none",)
-
 
 class CompletionPrediction(TypedDict):
     generation: str
@@ -35,11 +34,17 @@ class Llama:
 
     @staticmethod
     def build(ckpt_dir: str | Path | list[str | Path], tokenizer_path: str | Path | None = None,
-              max_seq_len: int = 512, max_batch_size: int = 1, quant: str = "none",
+              max_seq_len: int = 512, max_batch_size: int = 1, quant: str = "int8",
               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-              attention: str | None = None) -> Llama:
-        """Load a checkpoint folder (Meta or Hugging Face) and its tokenizer, ready to generate.
+              attention: str | None = None, int8_threshold: float | None = None, blocksize: int | None = None,
+              quantize_head: bool = False) -> Llama:
+        """Load a checkpoint folder (Meta, Hugging Face or pre-baked) and its tokenizer, ready to generate.
 
+        quant: int8 (LLM.int8()), nf4, nf4-dq, fp4, fp4-dq or none; the linear layers of the blocks
+        are quantized on the host as they are read (the head too with quantize_head), and only their
+        quantized bytes reach the device. A pre-baked folder (quantize_offline.py) loads in the mode
+        it was baked in. int8_threshold: LLM.int8()'s outlier threshold (default 6.0, or the baked one);
+        blocksize: 4-bit weights per scale (default 64, 32 for the -dq modes).
         max_seq_len x max_batch_size sizes the KV cache, allocated once here. attention picks the
         backend ("flash", "sdpa", "math"); None takes flash-attn where it is installed and usable.
         """
@@ -47,8 +52,7 @@ class Llama:
         folders = [ckpt_dir] if isinstance(ckpt_dir, (str, Path)) else list(ckpt_dir)
         if len(folders) != 1:
             raise ValueError(f"ckpt_dir: expected one checkpoint folder, got {len(folders)}")
-        if quant not in QUANT_MODES:
-            raise ValueError(f"quant: {quant!r} is not one of {QUANT_MODES}")
+        cfg = parse_quant_mode(quant, 6.0 if int8_threshold is None else int8_threshold, blocksize, quantize_head)
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size ({max_batch_size}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
         checkpoint = open_checkpoint(folders[0])
@@ -57,21 +61,33 @@ class Llama:
         dtype = resolve_dtype(dtype, device)
         backend = choose_attention_backend(attention, device, dtype)
         model = empty_model(checkpoint.args, backend)
-        fill_model(model, checkpoint.tensors(), device, dtype, total=count_expected_tensors(checkpoint.args))
+        if checkpoint.format == "prebaked":
+            baked = load_prebaked(model, checkpoint.folder, device, dtype, int8_threshold)
+            if baked.name != cfg.name:
+                log.warning("%s was quantized offline to %s: loading it as it is (quant=%r ignored)",
+                            checkpoint.folder, baked.name, quant)
+            cfg = baked
+        else:
+            if cfg.quantize_head and checkpoint.args.tie_word_embeddings:
+                log.warning("%s ties the head to the embedding: the head is kept 16-bit", checkpoint.folder)
+            fill_model(model, checkpoint.tensors(), device, dtype, linear_hook=make_linear_hook(cfg, device, dtype),
+                       total=count_expected_tensors(checkpoint.args))
         model.setup_caches(max_batch_size, max_seq_len, dtype, device)
         model.eval()
-        log.info("Loaded %s checkpoint %s in %.1f s (%s, %s, %s attention): %s", checkpoint.format,
-                 checkpoint.folder, time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
+        log.info("Loaded %s checkpoint %s in %.1f s (%s, %s, %s, %s attention): %s", checkpoint.format,
+                 checkpoint.folder, time.perf_counter() - start, cfg.name, device, str(dtype).removeprefix("torch."),
                  backend, describe_memory(model, device))
         return Llama(model, tokenizer)
 
     @torch.inference_mode()
     def iter_generate(self, prompt_tokens: list[list[int]], max_gen_len: int | None = None,
                       temperature: float = 0.6, top_p: float = 0.9, repetition_penalty: float = 1.0,
-                      seed: int | None = None) -> Iterator[list[int | None]]:
+                      seed: int | None = None, stop_ids: Collection[int] | None = None
+                      ) -> Iterator[list[int | None]]:
         """Yield, at each step, the token each sequence generated, or None where it is still reading
         its prompt or has stopped. Prompts of different lengths share the batch: all run together
-        from the shortest prompt's end, and a longer prompt's own tokens are fed instead of samples."""
+        from the shortest prompt's end, and a longer prompt's own tokens are fed instead of samples.
+        stop_ids: tokens that end a sequence (the tokenizer's by default; empty runs to max_gen_len)."""
         self.check_batch(prompt_tokens)
         model = self.model
         bsz, max_prompt = len(prompt_tokens), max(len(t) for t in prompt_tokens)
@@ -89,7 +105,8 @@ class Llama:
             for i, t in enumerate(prompt_tokens):
                 seen[i, t] = True
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), dtype=torch.long, device=device)
+        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+        stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         prev_pos = 0
         for cur_pos in range(min(len(t) for t in prompt_tokens), total_len):
@@ -101,7 +118,7 @@ class Llama:
             seen[torch.arange(bsz, device=device), nxt] = True
             emitted = ~forced & ~done
             yield [int(t) if e else None for t, e in zip(nxt.tolist(), emitted.tolist())]
-            done |= emitted & torch.isin(nxt, stop_ids)
+            done |= emitted & torch.isin(nxt, stop_tensor)
             prev_pos = cur_pos
             if bool(done.all()):
                 break
@@ -122,14 +139,17 @@ class Llama:
                                  "room to generate: raise --max_seq_len or shorten the prompt")
 
     def generate(self, prompt_tokens: list[list[int]], max_gen_len: int | None = None, temperature: float = 0.6,
-                 top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int | None = None) -> list[list[int]]:
+                 top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop_ids: Collection[int] | None = None) -> list[list[int]]:
         """The generated tokens of each prompt, stop token excluded."""
+        stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         out: list[list[int]] = [[] for _ in prompt_tokens]
-        for step in self.iter_generate(prompt_tokens, max_gen_len, temperature, top_p, repetition_penalty, seed):
+        for step in self.iter_generate(prompt_tokens, max_gen_len, temperature, top_p, repetition_penalty, seed,
+                                       stop_ids):
             for seq, t in zip(out, step):
                 if t is not None:
                     seq.append(t)
-        return [cut_at_stop(seq, self.tokenizer.stop_ids) for seq in out]
+        return [cut_at_stop(seq, stop_ids) for seq in out]
 
     def text_completion(self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: int | None = None, repetition_penalty: float = 1.0,
@@ -162,7 +182,7 @@ class Llama:
             text = new_text
 
 
-def cut_at_stop(tokens: list[int], stop_ids: frozenset[int]) -> list[int]:
+def cut_at_stop(tokens: list[int], stop_ids: Collection[int]) -> list[int]:
     for i, t in enumerate(tokens):
         if t in stop_ids:
             return tokens[:i]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -14,8 +14,9 @@ from .model import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
 
-# Called for each weight of a transformer block's linear layer; returns the module that replaces it
-# (e.g. a quantized layer already on the device) or None to keep a plain nn.Linear.
+# Called with the weight of each linear layer of the blocks and of the (untied) output head; returns
+# the module that replaces it (e.g. a quantized layer already on the device) or None to keep a plain
+# nn.Linear.
 LinearHook = Callable[[str, nn.Linear, torch.Tensor], nn.Module | None]
 
 
@@ -52,9 +53,34 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
     Raises CheckpointError naming the file and key for an unknown name, a wrong shape, a tensor given
     twice, or parameters the checkpoint never provided.
     """
-    expected = dict(model.named_parameters())
+    for item in checked_tensors(model, tensors, total):
+        module_path, _, attr = item.name.rpartition(".")
+        module = model.get_submodule(module_path)
+        replacement = None
+        if linear_hook is not None and (is_block_linear(item.name) or item.name == "output.weight"):
+            replacement = linear_hook(item.name, module, item.tensor)
+        if replacement is not None:
+            set_submodule(model, module_path, replacement)
+        else:
+            value = item.tensor.to(device=device, dtype=dtype)
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        del item  # drop the last reference to the source tensor before reading the next one
     if model.args.tie_word_embeddings:
-        expected.pop("output.weight")
+        model.output.weight = model.tok_embeddings.weight
+
+
+def checked_tensors(model: Transformer, tensors: Iterable[NamedTensor], total: int | None = None
+                    ) -> Iterator[NamedTensor]:
+    """The tensors that fill model's parameters still on the meta device, each checked against the
+    model's configuration as it passes; a tied head is skipped.
+
+    Raises CheckpointError naming the file and key for an unknown name, a wrong shape or a tensor given
+    twice, and after the last tensor for parameters never provided.
+    """
+    # Parameters already on a device (layers restored from a pre-baked folder) are not expected again.
+    expected = {name: p for name, p in model.named_parameters() if p.is_meta}
+    if model.args.tie_word_embeddings:
+        expected.pop("output.weight", None)
     seen: set[str] = set()
     for item in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", leave=False):
         name, source = item.name, item.source
@@ -69,23 +95,11 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(item.tensor.shape)}, "
                                   f"expected {want} from the model configuration")
         seen.add(name)
-        module_path, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_path)
-        replacement = None
-        if linear_hook is not None and is_block_linear(name):
-            replacement = linear_hook(name, module, item.tensor)
-        if replacement is not None:
-            set_submodule(model, module_path, replacement)
-        else:
-            value = item.tensor.to(device=device, dtype=dtype)
-            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-        del item  # drop the last reference to the source tensor before reading the next one
+        yield item
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs: {missing[:8]}"
                               + (" ..." if len(missing) > 8 else ""))
-    if model.args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
 
 
 def count_expected_tensors(args: ModelArgs) -> int:

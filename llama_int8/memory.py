@@ -8,6 +8,8 @@ import sys
 import torch
 from torch import nn
 
+from .quantize import quantization_state_tensors
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -16,7 +18,7 @@ def tensor_bytes(module: nn.Module) -> int:
     """Bytes of every distinct parameter and buffer of module, quantization state included."""
     seen: set[int] = set()
     total = 0
-    for t in [*module.parameters(), *module.buffers()]:
+    for t in [*module.parameters(), *module.buffers(), *quantization_state_tensors(module)]:
         if t.device.type == "meta" or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())

@@ -1,0 +1,352 @@
+"""Pre-baked folders: a checkpoint quantized once, offline, and later loaded without re-quantizing.
+
+A folder holds:
+    manifest.json                format name and version, quant settings, model config, source
+                                 checkpoint, tool versions, and every tensor with its shard, dtype, shape
+    quantized-00001.safetensors  quantized linear layers under bitsandbytes' state-dict names
+    ...                          (layers.0.attention.wq.weight, layers.0.attention.wq.SCB, ...), and the
+                                 embedding, norms and head (unless quantized) in the source's dtype
+    tokenizer files              copied from the source checkpoint
+
+The manifest is written last and the folder is renamed into place only when complete. Loading
+builds each quantized layer under the meta device and gives it the saved bytes through the function
+that builds layers quantized at load time, so both give bit-identical outputs; no 16-bit copy of a
+quantized layer is ever made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, CheckpointError, NamedTensor, open_safetensors, read_json, read_safetensors_tensor
+from .loader import checked_tensors, empty_model, fill_model, set_submodule
+from .model import ModelArgs, Transformer
+from .quantize import (BITSANDBYTES_VERSION, QuantConfig, expected_quantized_tensors, quantize_weight,
+                       quantized_layer_names, quantized_linear)
+from .tokenizer import find_tokenizer_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "llama_int8-prebaked"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_PREFIX = "quantized-"
+SHARD_BYTES = 2 * 1024**3
+# Files that travel with a tokenizer (Hugging Face's read BOS/EOS and stop ids from the configs).
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                        "chat_template.jinja", "config.json")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    shard: str
+    dtype: str  # torch's name without the prefix: "int8", "bfloat16", ...
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Manifest:
+    folder: Path
+    quant: QuantConfig
+    args: ModelArgs
+    tensors: dict[str, TensorEntry]
+    source: dict
+    tool: dict
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted({e.shard for e in self.tensors.values()})
+
+    def quantized_layers(self) -> list[str]:
+        return quantized_layer_names(self.args.n_layers, self.quant.quantize_head)
+
+
+def is_prebaked_folder(folder: Path) -> bool:
+    """A manifest, or shards named like ours (a folder whose manifest went missing)."""
+    return (folder / MANIFEST_NAME).exists() or any(folder.glob(f"{SHARD_PREFIX}*.safetensors"))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --- Writing ---------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Collects tensors and writes them as safetensors shards of about shard_bytes each."""
+
+    def __init__(self, folder: Path, shard_bytes: int):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.table: dict[str, TensorEntry] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        shard = f"{SHARD_PREFIX}{len(self.shards()) + 1:05d}.safetensors"
+        save_file(self.pending, self.folder / shard, metadata={"format": "pt"})
+        for name, t in self.pending.items():
+            self.table[name] = TensorEntry(shard, dtype_name(t.dtype), tuple(t.shape))
+        self.pending, self.pending_bytes = {}, 0
+
+    def shards(self) -> set[str]:
+        return {e.shard for e in self.table.values()}
+
+
+def write_prebaked(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig, force: bool = False,
+                   tokenizer_path: str | Path | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Quantize checkpoint tensor by tensor into a new pre-baked folder out_dir; returns its path.
+
+    Written into a temporary folder beside out_dir and renamed into place when complete. An existing
+    out_dir is refused (FileExistsError) unless force, and is then replaced only after success.
+    """
+    out = Path(out_dir)
+    if checkpoint.format == "prebaked":
+        raise ValueError(f"{checkpoint.folder} is already pre-baked")
+    if not cfg.enabled:
+        raise ValueError("quant 'none' leaves nothing to pre-bake; choose int8, nf4, nf4-dq, fp4 or fp4-dq")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    if out.resolve() == checkpoint.folder.resolve():
+        raise ValueError(f"{out}: the output folder cannot be the source checkpoint folder")
+    if cfg.quantize_head and checkpoint.args.tie_word_embeddings:
+        log.warning("%s ties the head to the embedding: the head is kept 16-bit", checkpoint.folder)
+        cfg = replace(cfg, quantize_head=False)
+    from . import __version__  # here: the package imports this module while it initializes
+
+    tokenizer = find_tokenizer_file(checkpoint.folder, tokenizer_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        start = time.perf_counter()
+        table = write_quantized_shards(checkpoint, cfg, tmp, shard_bytes)
+        copy_tokenizer(tokenizer, tmp)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "quant": cfg.to_dict(),
+            "model": asdict(checkpoint.args),
+            "source": {"path": str(checkpoint.folder.resolve()), "format": checkpoint.format,
+                       "tokenizer": str(tokenizer.resolve())},
+            "tool": {"name": "llama_int8", "version": __version__, "bitsandbytes": BITSANDBYTES_VERSION,
+                     "torch": torch.__version__},
+            "tensors": {name: {"shard": e.shard, "dtype": e.dtype, "shape": list(e.shape)}
+                        for name, e in table.items()},
+        }
+        (tmp / MANIFEST_NAME).write_text(manifest_json(manifest))
+        make_readable(tmp)
+        replace_folder(tmp, out)
+        log.info("Wrote %s (%s) in %.1f s", out, cfg.name, time.perf_counter() - start)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_quantized_shards(checkpoint: Checkpoint, cfg: QuantConfig, folder: Path, shard_bytes: int
+                           ) -> dict[str, TensorEntry]:
+    """Stream the checkpoint through the loader's checks, quantizing the layers cfg names."""
+    model = empty_model(checkpoint.args)  # meta: only the expected names and shapes
+    quantized = {f"{path}.weight" for path in quantized_layer_names(checkpoint.args.n_layers, cfg.quantize_head)}
+    writer = ShardWriter(folder, shard_bytes)
+    for item in checked_tensors(model, checkpoint.tensors()):
+        if item.name in quantized:
+            module_path = item.name.removesuffix(".weight")
+            for key, value in quantize_weight(item.tensor, cfg).items():
+                writer.add(f"{module_path}.{key}", value)
+        else:
+            writer.add(item.name, item.tensor)
+        del item
+    writer.flush()
+    return writer.table
+
+
+def manifest_json(manifest: dict) -> str:
+    """The manifest as JSON, indented, with one line per tensor."""
+    head = json.dumps({k: v for k, v in manifest.items() if k != "tensors"}, indent=1)
+    rows = ",\n".join(f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in manifest["tensors"].items())
+    return head.removesuffix("\n}") + ',\n "tensors": {\n' + rows + "\n }\n}\n"
+
+
+def make_readable(folder: Path) -> None:
+    """Give the folder and its files the usual permissions (mkdtemp and safetensors make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def copy_tokenizer(tokenizer: Path, folder: Path) -> None:
+    shutil.copy2(tokenizer, folder / tokenizer.name)
+    if tokenizer.suffix == ".json":
+        for name in TOKENIZER_COMPANIONS:
+            if (tokenizer.parent / name).is_file():
+                shutil.copy2(tokenizer.parent / name, folder / name)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Rename new to target; an existing target is moved aside first and deleted only afterwards."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    os.replace(target, old / target.name)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- Reading ---------------------------------------------------------------------------------------
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """The manifest of a pre-baked folder, checked against itself and against the shards' headers.
+
+    Raises CheckpointError when the manifest is missing, of another format or version, or disagrees
+    with the tensors the shards hold.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.exists():
+        raise CheckpointError(f"{folder}: pre-baked shards without {MANIFEST_NAME}: the folder is incomplete; "
+                              "quantize it again with quantize_offline.py")
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a llama_int8 pre-baked manifest (format "
+                              f"{data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT!r})")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {data.get('format_version')!r}, but this llama_int8 "
+                              f"reads version {FORMAT_VERSION}; quantize the source again with quantize_offline.py")
+    try:
+        quant = QuantConfig.from_dict(data["quant"])
+        model_keys = {f.name for f in fields(ModelArgs)}
+        unknown = sorted(set(data["model"]) - model_keys)
+        if unknown:
+            raise ValueError(f"unknown model keys {unknown}")
+        args = ModelArgs(**data["model"])
+        tensors = {name: TensorEntry(e["shard"], e["dtype"], tuple(e["shape"])) for name, e in data["tensors"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
+    if not quant.enabled:
+        raise CheckpointError(f"{path}: quant mode 'none' in a pre-baked manifest")
+    manifest = Manifest(folder, quant, args, tensors, data.get("source", {}), data.get("tool", {}))
+    check_manifest_against_config(manifest, path)
+    check_shards_against_manifest(manifest, path)
+    return manifest
+
+
+def check_manifest_against_config(manifest: Manifest, path: Path) -> None:
+    """Every quantized layer the config implies is listed with the tensors and shapes its mode makes,
+    and every other tensor is a parameter of the model with the configuration's shape."""
+    model = empty_model(manifest.args)
+    by_layer = tensors_by_layer(manifest)
+    for layer in manifest.quantized_layers():
+        linear = model.get_submodule(layer)
+        want = expected_quantized_tensors(linear.out_features, linear.in_features, manifest.quant)
+        listed = {k.removeprefix(f"{layer}."): manifest.tensors[k] for k in by_layer.get(layer, [])}
+        if set(listed) != set(want):
+            raise CheckpointError(f"{path}: {layer} should have tensors {sorted(want)} for {manifest.quant.name}, "
+                                  f"the manifest lists {sorted(listed)}")
+        for key, (shape, dtype) in want.items():
+            entry = listed[key]
+            if entry.dtype != dtype_name(dtype) or (shape is not None and entry.shape != shape):
+                raise CheckpointError(f"{path}: {layer}.{key} is {entry.dtype} {list(entry.shape)}, expected "
+                                      f"{dtype_name(dtype)} {list(shape) if shape else '[...]'} for a "
+                                      f"{linear.out_features}x{linear.in_features} {manifest.quant.name} layer")
+    params = dict(model.named_parameters())
+    for name in by_layer.get(None, []):
+        entry = manifest.tensors[name]
+        if name not in params or (name == "output.weight" and manifest.args.tie_word_embeddings):
+            raise CheckpointError(f"{path}: lists {name!r}, which is not a 16-bit parameter of this model "
+                                  f"with {manifest.quant.name} layers")
+        if entry.shape != tuple(params[name].shape):
+            raise CheckpointError(f"{path}: {name!r} has shape {list(entry.shape)}, expected "
+                                  f"{list(params[name].shape)} from the model configuration")
+
+
+def tensors_by_layer(manifest: Manifest) -> dict[str | None, list[str]]:
+    """The manifest's tensor names grouped by the quantized layer they belong to (None: 16-bit ones)."""
+    layers = set(manifest.quantized_layers())
+    groups: dict[str | None, list[str]] = {}
+    for name in manifest.tensors:
+        parts = name.split(".")
+        owner = next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if p in layers), None)
+        groups.setdefault(owner, []).append(name)
+    return groups
+
+
+def check_shards_against_manifest(manifest: Manifest, path: Path) -> None:
+    """The shards exist, are whole, and hold exactly the manifest's tensors with its dtypes and shapes."""
+    for shard in manifest.shards:
+        file = manifest.folder / shard
+        if not file.is_file():
+            raise CheckpointError(f"{path}: lists shard {shard}, which does not exist")
+        listed = {name: e for name, e in manifest.tensors.items() if e.shard == shard}
+        with open_safetensors(file) as handle:
+            held = set(handle.keys())
+            if held != set(listed):
+                diff = sorted(held ^ set(listed))
+                raise CheckpointError(f"{file}: its tensors differ from the manifest's list: {diff[:8]}")
+            for name, entry in listed.items():
+                meta = handle.get_slice(name)
+                dtype = safetensors_dtype_name(meta.get_dtype())
+                if dtype != entry.dtype or tuple(meta.get_shape()) != entry.shape:
+                    raise CheckpointError(f"{file}: tensor {name!r} is {dtype} {meta.get_shape()}, the manifest "
+                                          f"says {entry.dtype} {list(entry.shape)}")
+    extra = sorted(p.name for p in manifest.folder.glob(f"{SHARD_PREFIX}*.safetensors")
+                   if p.name not in set(manifest.shards))
+    if extra:
+        raise CheckpointError(f"{path}: shards {extra} are not in the manifest")
+
+
+SAFETENSORS_DTYPES = {"I8": "int8", "U8": "uint8", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I32": "int32", "I64": "int64", "F64": "float64", "BOOL": "bool"}
+
+
+def safetensors_dtype_name(code: str) -> str:
+    return SAFETENSORS_DTYPES.get(code, code)
+
+
+def prebaked_model_args(folder: Path) -> ModelArgs:
+    return read_manifest(folder).args
+
+
+def load_prebaked(model: Transformer, folder: str | Path, device: torch.device, dtype: torch.dtype,
+                  int8_threshold: float | None = None) -> QuantConfig:
+    """Fill a meta-device model from a pre-baked folder; returns the folder's QuantConfig (with
+    int8_threshold, when given, replacing the one it was baked with)."""
+    manifest = read_manifest(folder)
+    cfg = manifest.quant if int8_threshold is None else replace(manifest.quant, int8_threshold=float(int8_threshold))
+    by_layer = tensors_by_layer(manifest)
+    with ExitStack() as stack:
+        handles = {s: stack.enter_context(open_safetensors(manifest.folder / s)) for s in manifest.shards}
+
+        def read(name: str) -> NamedTensor:
+            file = manifest.folder / manifest.tensors[name].shard
+            return NamedTensor(name, read_safetensors_tensor(handles[file.name], file, name), str(file))
+
+        for layer in tqdm(manifest.quantized_layers(), desc="Loading quantized layers", unit="layer", leave=False):
+            linear = model.get_submodule(layer)
+            tensors = {name.removeprefix(f"{layer}."): read(name).tensor for name in by_layer[layer]}
+            set_submodule(model, layer, quantized_linear(tensors, linear.in_features, linear.out_features, cfg,
+                                                         device, dtype))
+            del tensors
+        fill_model(model, (read(name) for name in by_layer.get(None, [])), device, dtype)
+    return cfg

@@ -1,0 +1,339 @@
+"""Quantize linear layers on the host with bitsandbytes: LLM.int8() and 4-bit nf4/fp4.
+
+The only module that imports bitsandbytes. Each weight is quantized on the CPU a block of rows at a
+time, so the transient is a small fraction of the weight, and only the quantized bytes and their
+scales travel to the device: a 16-bit copy of a quantized layer never exists there.
+
+bitsandbytes 0.50 quantizes inside `Int8Params.to(device)` / `Params4bit.to(device)`, on the target
+device, and has traps when a host-quantized layer is moved afterwards (see BNB_NOTES.md). So the
+quantized tensors are computed here with its functional API and each layer is built under the meta
+device, then given parameters made directly on the device it will run on; it is never moved after.
+
+A quantized layer is described by the tensors of bitsandbytes' own state dict (int8: `weight`, `SCB`;
+4-bit: `weight`, `weight.absmax`, `weight.quant_map`, ...), which is also what pre-baked folders store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+# bitsandbytes' CPU backend warns at import that an optional hub-fetched kernel is absent (its own
+# kernel serves), and LLM.int8() logs its float16 cast on every call: neither is news to a user.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+import bitsandbytes as bnb  # noqa: E402  (after the logger settings above)
+import bitsandbytes.functional as bnbf  # noqa: E402
+
+BITSANDBYTES_VERSION = bnb.__version__
+
+# What --quant accepts; litgpt's names ("bnb.nf4", ...) are accepted too.
+QUANT_MODES = ("int8", "nf4", "nf4-dq", "fp4", "fp4-dq", "none")
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Weights per 4-bit scale. 64 is bitsandbytes' default. With double quantization a scale costs 8
+# bits instead of 32, so 32-weight blocks cost 4.25 bits per weight, less than nf4's 4.5, and measured
+# better than it (SmolLM2-135M perplexity, README): the -dq modes use them.
+DEFAULT_BLOCKSIZE = 64
+DEFAULT_BLOCKSIZE_DOUBLE_QUANT = 32
+# Elements quantized per step: bounds the transient (about 8 bytes per element for int8, 10 for
+# 4-bit) to a few MB whatever the layer's size; a 1 MB float32 chunk stays in a core's L2 cache,
+# which measured twice as fast as 4 MB chunks.
+CHUNK_ELEMENTS = 1 << 18
+
+LinearHook = Callable[[str, nn.Linear, torch.Tensor], nn.Module | None]  # as loader.LinearHook
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How linear weights are quantized.
+
+    mode: "int8" (LLM.int8(), `Linear8bitLt`), "nf4" or "fp4" (`Linear4bit`), or "none".
+    double_quant: 4-bit only: quantize the per-block scales too (4.127 instead of 4.5 bits/weight).
+    int8_threshold: LLM.int8()'s outlier threshold on activations (0 disables the fp16 outlier path).
+    blocksize: 4-bit only: weights per scale.
+    quantize_head: quantize the output head as well (its weight must not be tied to the embedding).
+    """
+
+    mode: str = "int8"
+    double_quant: bool = False
+    int8_threshold: float = 6.0
+    blocksize: int = DEFAULT_BLOCKSIZE
+    quantize_head: bool = False
+
+    @property
+    def name(self) -> str:
+        """The --quant spelling of this mode: int8, nf4, nf4-dq, fp4, fp4-dq or none."""
+        return self.mode + ("-dq" if self.double_quant else "")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.mode in ("nf4", "fp4")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        cfg = cls(**d)
+        check_config(cfg)
+        return cfg
+
+
+def parse_quant_mode(mode: str, int8_threshold: float = 6.0, blocksize: int | None = None,
+                     quantize_head: bool = False) -> QuantConfig:
+    """A QuantConfig from a --quant value (`int8`, `nf4-dq`, litgpt's `bnb.nf4`, ...).
+
+    blocksize: 4-bit weights per scale; None takes 64, or 32 for the double-quantized modes.
+    """
+    if not isinstance(mode, str) or mode.removeprefix("bnb.") not in QUANT_MODES:
+        raise ValueError(f"quant: {mode!r} is not one of {', '.join(QUANT_MODES)} "
+                         "(litgpt's bnb.int8, bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq are accepted too)")
+    kind, _, dq = mode.removeprefix("bnb.").partition("-")
+    if blocksize is None:
+        blocksize = DEFAULT_BLOCKSIZE_DOUBLE_QUANT if dq == "dq" else DEFAULT_BLOCKSIZE
+    cfg = QuantConfig(mode=kind, double_quant=dq == "dq", int8_threshold=float(int8_threshold),
+                      blocksize=int(blocksize), quantize_head=bool(quantize_head))
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: QuantConfig) -> None:
+    if cfg.mode not in ("int8", "nf4", "fp4", "none"):
+        raise ValueError(f"quant mode {cfg.mode!r} is not int8, nf4, fp4 or none")
+    if cfg.double_quant and not cfg.is_4bit:
+        raise ValueError(f"double quantization applies to nf4/fp4, not {cfg.mode}")
+    if cfg.blocksize not in BLOCKSIZES_4BIT:
+        raise ValueError(f"blocksize {cfg.blocksize} is not one of {BLOCKSIZES_4BIT}")
+    if not cfg.int8_threshold >= 0.0:
+        raise ValueError(f"int8_threshold must be >= 0 (0 disables the outlier path), got {cfg.int8_threshold}")
+
+
+# --- Quantizing one weight on the host ----------------------------------------------------------
+
+def chunk_rows(out_features: int, in_features: int, blocksize: int) -> int:
+    """Rows per quantization step: about CHUNK_ELEMENTS, and whole 4-bit blocks, so that the chunked
+    result is bit-identical to quantizing the flattened tensor at once."""
+    step = blocksize // math.gcd(in_features, blocksize)
+    rows = max(step, CHUNK_ELEMENTS // in_features // step * step)
+    return min(rows, out_features)
+
+
+def quantize_weight(weight: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """Quantize a [out_features, in_features] weight on the CPU; returns bitsandbytes' state-dict tensors.
+
+    Reads weight a chunk of rows at a time and never converts it whole, so the transient stays a
+    small fraction of it. The result depends only on the weight's values, not on the dtype the model
+    will compute in.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D linear weight, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"expected a floating-point weight, got {weight.dtype}")
+    weight = weight.detach()
+    if weight.device.type != "cpu":
+        raise ValueError(f"quantize_weight works on the host; the weight is on {weight.device}")
+    if cfg.mode == "int8":
+        return quantize_int8(weight)
+    if cfg.is_4bit:
+        return quantize_4bit(weight, cfg)
+    raise ValueError(f"quant mode {cfg.name!r} does not quantize")
+
+
+def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """LLM.int8()'s vector-wise quantization: per output row, q = round(w * 127 / max|w|), scale max|w|.
+
+    The formula of bitsandbytes' int8_vectorwise_quant, computed in float32 from the source instead of
+    through float16 (which turns weights beyond 65504 into inf); identical for bf16/fp16 sources.
+    """
+    n, k = weight.shape
+    cb = torch.empty(n, k, dtype=torch.int8)
+    scb = torch.empty(n, dtype=torch.float32)
+    rows = chunk_rows(n, k, 1)
+    for start in range(0, n, rows):
+        block = weight[start:start + rows].to(torch.float32, copy=True)  # a copy: never in place on weight
+        absmax = torch.maximum(block.amax(dim=1), block.amin(dim=1).neg_())  # [rows], no |block| temporary
+        scb[start:start + rows] = absmax
+        scale = (127.0 / absmax.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(1)  # [rows, 1]
+        cb[start:start + rows] = block.mul_(scale).round_()
+    return {"weight": cb, "SCB": scb}
+
+
+def quantize_4bit(weight: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """Blockwise nf4/fp4 through bitsandbytes, a chunk of whole blocks at a time; with double
+    quantization the per-block scales are then quantized together, as bitsandbytes does."""
+    n, k = weight.shape
+    numel, bs = n * k, cfg.blocksize
+    packed = torch.empty((numel + 1) // 2, 1, dtype=torch.uint8)
+    absmax = torch.empty(-(numel // -bs), dtype=torch.float32)
+    rows = chunk_rows(n, k, bs)
+    for start in range(0, n, rows):
+        block = weight[start:start + rows]
+        first = start * k  # a multiple of the blocksize (and even) by the choice of rows
+        q, state = bnbf.quantize_4bit(block.contiguous(), blocksize=bs, compress_statistics=False,
+                                      quant_type=cfg.mode)
+        packed[first // 2:first // 2 + q.shape[0]] = q
+        absmax[first // bs:first // bs + state.absmax.numel()] = state.absmax
+    code = bnbf.get_4bit_type(cfg.mode, device="cpu")
+    if cfg.double_quant:
+        offset = absmax.mean()
+        qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+        state = bnbf.QuantState(absmax=qabsmax, shape=weight.shape, code=code, blocksize=bs, quant_type=cfg.mode,
+                                dtype=weight.dtype, offset=offset, state2=state2)
+    else:
+        state = bnbf.QuantState(absmax=absmax, shape=weight.shape, code=code, blocksize=bs, quant_type=cfg.mode,
+                                dtype=weight.dtype)
+    return {"weight": packed, **{f"weight.{key}": value for key, value in state.as_dict(packed=True).items()}}
+
+
+# --- Building a quantized layer on its device ---------------------------------------------------
+
+def quantized_linear(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, cfg: QuantConfig,
+                     device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes linear layer (no bias) on device from quantize_weight's tensors, in eval mode.
+
+    Only the quantized tensors are copied to the device. dtype is the dtype of the activations.
+    """
+    device = torch.device(device)
+    if cfg.mode == "int8":
+        layer = build_int8_linear(tensors, in_features, out_features, cfg, device)
+    elif cfg.is_4bit:
+        layer = build_4bit_linear(tensors, in_features, out_features, cfg, device, dtype)
+    else:
+        raise ValueError(f"quant mode {cfg.name!r} does not quantize")
+    return layer.eval()
+
+
+def build_int8_linear(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, cfg: QuantConfig,
+                      device: torch.device) -> nn.Module:
+    with torch.device("meta"):
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
+                                    threshold=cfg.int8_threshold)
+    cb, scb = tensors["weight"].to(device), tensors["SCB"].to(device)
+    # Made on the device directly: Linear8bitLt.to() would leave CB/SCB behind (BNB_NOTES.md), and
+    # CB must be set or the first forward would quantize the int8 bytes again.
+    layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    return layer
+
+
+def build_4bit_linear(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, cfg: QuantConfig,
+                      device: torch.device, dtype: torch.dtype) -> nn.Module:
+    with torch.device("meta"):
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype,
+                                  compress_statistics=cfg.double_quant, quant_type=cfg.mode,
+                                  quant_storage=torch.uint8)
+    # Linear4bit.load_state_dict drops the quant state (bitsandbytes#1946): build the parameter directly.
+    stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
+    layer.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False,
+                                                       device=device, module=layer)
+    # The state records the source's dtype; it only sets the dtype weights are dequantized to.
+    layer.weight.quant_state.dtype = dtype
+    if device.type == "cpu" and layer.support_avx512bf16_for_cpu:
+        # The first CPU forward repacks the weight in place for the AVX512-BF16 kernel: do it now,
+        # once, so the first token is not slowed and memory accounting sees the final layout.
+        with torch.inference_mode():
+            layer.eval()(torch.zeros(1, in_features, dtype=dtype))
+    return layer
+
+
+def quantize_linear_on_host(weight: torch.Tensor, cfg: QuantConfig, device: torch.device | str,
+                            dtype: torch.dtype) -> nn.Module:
+    """Quantize a [out_features, in_features] host weight and return the layer, ready on device."""
+    out_features, in_features = weight.shape
+    return quantized_linear(quantize_weight(weight, cfg), in_features, out_features, cfg, device, dtype)
+
+
+def make_linear_hook(cfg: QuantConfig, device: torch.device | str, dtype: torch.dtype) -> LinearHook | None:
+    """A loader hook that quantizes each linear weight of the blocks (and the head when asked),
+    or None when nothing is quantized."""
+    if not cfg.enabled:
+        return None
+
+    def hook(name: str, module: nn.Linear, weight: torch.Tensor) -> nn.Module | None:
+        if name == "output.weight" and not cfg.quantize_head:
+            return None
+        return quantize_linear_on_host(weight, cfg, device, dtype)
+
+    return hook
+
+
+def quantized_layer_names(n_layers: int, quantize_head: bool) -> list[str]:
+    """Module paths of the layers a QuantConfig quantizes, in checkpoint order."""
+    names = [f"layers.{i}.{part}" for i in range(n_layers)
+             for part in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                          "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")]
+    return names + (["output"] if quantize_head else [])
+
+
+# --- Describing quantized tensors ---------------------------------------------------------------
+
+def expected_quantized_tensors(out_features: int, in_features: int, cfg: QuantConfig
+                               ) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
+    """The tensors quantize_weight produces for a weight of this shape: name -> (shape, dtype);
+    shape None where it varies (the packed JSON of the 4-bit state)."""
+    numel = out_features * in_features
+    if cfg.mode == "int8":
+        return {"weight": ((out_features, in_features), torch.int8), "SCB": ((out_features,), torch.float32)}
+    blocks = -(numel // -cfg.blocksize)
+    out: dict[str, tuple[tuple[int, ...] | None, torch.dtype]] = {"weight": (((numel + 1) // 2, 1), torch.uint8)}
+    if cfg.double_quant:
+        out["weight.absmax"] = ((blocks,), torch.uint8)
+        out["weight.nested_absmax"] = ((-(blocks // -256),), torch.float32)
+        out["weight.nested_quant_map"] = ((256,), torch.float32)
+    else:
+        out["weight.absmax"] = ((blocks,), torch.float32)
+    out["weight.quant_map"] = ((16,), torch.float32)
+    out[f"weight.quant_state.bitsandbytes__{cfg.mode}"] = (None, torch.uint8)
+    return out
+
+
+def check_packed_quant_state(tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
+                             cfg: QuantConfig) -> str | None:
+    """What is wrong with a 4-bit layer's packed state (its JSON), or None when it matches cfg."""
+    packed = tensors.get(f"weight.quant_state.bitsandbytes__{cfg.mode}")
+    if packed is None:
+        return f"no weight.quant_state.bitsandbytes__{cfg.mode} tensor"
+    try:
+        state = json.loads(bytes(packed.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"its packed quant state is not JSON ({e})"
+    want = {"quant_type": cfg.mode, "blocksize": cfg.blocksize, "shape": [out_features, in_features]}
+    got = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in state.items() if k in want}
+    if got != want:
+        return f"its quant state says {got}, expected {want}"
+    return None
+
+
+def quantization_state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Tensors bitsandbytes layers under module hold outside their parameters (int8 row scales,
+    4-bit block scales and code books), for memory accounting."""
+    found: list[torch.Tensor] = []
+    for m in module.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            found += [t for t in (getattr(m.weight, "SCB", None), m.state.SCB, m.state.CB) if t is not None]
+        elif isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            if qs is None:
+                continue
+            found += [qs.absmax, qs.code]
+            if qs.nested:
+                found += [qs.offset, qs.state2.absmax, qs.state2.code]
+    return [t for t in found if isinstance(t, torch.Tensor)]
+
+
+def quantized_weight_bytes(out_features: int, in_features: int, cfg: QuantConfig) -> int:
+    """Bytes a quantized [out_features, in_features] weight occupies, scales and code books included
+    (the few hundred bytes of a 4-bit layer's packed JSON state excepted)."""
+    return sum(math.prod(shape) * dtype.itemsize
+               for shape, dtype in expected_quantized_tensors(out_features, in_features, cfg).values()
+               if shape is not None)
