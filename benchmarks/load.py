@@ -1,0 +1,147 @@
+"""Load time and peak private host memory of loading a checkpoint to the CPU, quantized: ours (quantizing
+while reading a Meta checkpoint), ours from a pre-baked folder, and transformers + bitsandbytes
+(`from_pretrained` with a BitsAndBytesConfig) on the same weights in Hugging Face's format.
+
+    python -m benchmarks.load                          # TinyLlama-1.1B shapes, random bf16 weights, int8
+    python -m benchmarks.load --quant nf4 --json
+    python -m benchmarks.load --ckpt_dir 7B --hf_dir 7B-hf --work_dir /data/bench
+
+Without --ckpt_dir, random bf16 weights in TinyLlama-1.1B's shapes are written once under --work_dir as a
+Meta checkpoint cut into 2 shards, with an HF copy of the same weights. The pre-baked folder is made
+with quantize_offline's writer. Each load runs in a fresh process that has already imported its
+libraries: "load s" is the load call alone. Peak RssAnon is sampled every 2 ms over the whole process;
+"imports" is its RssAnon just before the load call. Files are read once beforehand, so every engine
+reads from the page cache.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+from benchmarks.common import report
+from benchmarks.hostmem import rss_anon_bytes, run_sampled
+
+GiB = 1024**3
+ENGINES = ("llama_int8", "prebaked", "transformers")
+DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "llama_int8-bench-load"
+
+
+def measure_here(engine: str, folder: str, quant: str, dtype: str) -> dict:
+    """Load folder with one engine in this process (imports first, then the timed load call)."""
+    torch_dtype = getattr(torch, dtype)
+    if engine in ("llama_int8", "prebaked"):
+        from llama_int8 import Llama
+        from llama_int8.memory import weight_bytes
+
+        before = rss_anon_bytes()
+        start = time.perf_counter()
+        llm = Llama.build(folder, max_seq_len=8, quant=quant, device="cpu", dtype=torch_dtype)
+        seconds = time.perf_counter() - start
+        footprint = weight_bytes(llm.model)
+    elif engine == "transformers":
+        import bitsandbytes  # noqa: F401  (imported before the clock starts, as ours is)
+        from transformers import AutoModelForCausalLM
+
+        from benchmarks.reference import bnb_config
+
+        config = bnb_config(quant, torch_dtype)
+        before = rss_anon_bytes()
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, quantization_config=config,
+                                                     device_map={"": "cpu"})
+        seconds = time.perf_counter() - start
+        footprint = model.get_memory_footprint()
+    else:
+        raise ValueError(f"engine: {engine!r} is not one of {ENGINES}")
+    return {"seconds": seconds, "footprint": footprint, "rss_anon_before": before}
+
+
+def prepare_synthetic(work_dir: Path) -> tuple[Path, Path]:
+    """A 2-shard Meta checkpoint of random bf16 weights in TinyLlama-1.1B's shapes, and its HF copy."""
+    from benchmarks.synthetic import SHAPES, write_hf_checkpoint, write_meta_checkpoint, write_word_tokenizer
+
+    args = SHAPES["TinyLlama-1.1B"]
+    meta, hf = work_dir / "tinyllama-meta", work_dir / "tinyllama-hf"
+    if not (meta / "done").exists():
+        write_meta_checkpoint(meta, args, shards=2, dtype=torch.bfloat16)
+        write_word_tokenizer(meta)
+        (meta / "done").touch()
+    if not (hf / "done").exists():
+        write_hf_checkpoint(meta, hf, args, dtype=torch.bfloat16)
+        write_word_tokenizer(hf)
+        (hf / "done").touch()
+    return meta, hf
+
+
+def prepare_prebaked(source: Path, work_dir: Path, quant: str) -> Path:
+    from llama_int8.checkpoint import open_checkpoint
+    from llama_int8.prebaked import write_prebaked
+    from llama_int8.quantize import parse_quant_mode
+
+    out = work_dir / f"{source.name}-{quant}"
+    if not out.exists():
+        write_prebaked(open_checkpoint(source), out, parse_quant_mode(quant))
+    return out
+
+
+def read_files(folder: Path) -> None:
+    """Read every file once so that no engine pays for the disk."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
+def main(ckpt_dir: str | None = None, hf_dir: str | None = None, quant: str = "int8", dtype: str = "bfloat16",
+         engines: str | tuple = ENGINES, runs: int = 1, work_dir: str = str(DEFAULT_WORK_DIR), json: bool = False,
+         engine: str | None = None) -> None:
+    """Measure each engine's load in its own process; --engine E --ckpt_dir D measures one load here."""
+    if engine is not None:  # the child's side
+        print(jsonlib.dumps(measure_here(engine, str(ckpt_dir), quant, dtype)))
+        return
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if ckpt_dir is None:
+        meta, hf = prepare_synthetic(work)
+        title = "TinyLlama-1.1B shapes, random bf16 weights, Meta format in 2 shards"
+    else:
+        meta, hf = Path(ckpt_dir), Path(hf_dir) if hf_dir else None
+        title = meta.name
+    folders = {"llama_int8": meta, "prebaked": None, "transformers": hf}
+    chosen = engines.split(",") if isinstance(engines, str) else list(engines)
+    if "prebaked" in chosen:
+        folders["prebaked"] = prepare_prebaked(meta, work, quant)
+    rows = []
+    for name in chosen:
+        folder = folders.get(name)
+        if folder is None:
+            continue
+        read_files(folder)
+        results = []
+        for _ in range(runs):
+            child = run_sampled([sys.executable, "-m", "benchmarks.load", "--engine", name, "--ckpt_dir", str(folder),
+                                 "--quant", quant, "--dtype", dtype], cwd=Path(__file__).parent.parent)
+            results.append({**child.last_json(), "peak": child.peak_rss_anon})
+        seconds = statistics.median(r["seconds"] for r in results)
+        peak = max(r["peak"] for r in results)
+        footprint = results[0]["footprint"]
+        rows.append({"engine": name, "quant": quant, "load s": seconds, "peak RssAnon GiB": peak / GiB,
+                     "weights GiB": footprint / GiB, "peak - weights GiB": (peak - footprint) / GiB,
+                     "imports GiB": results[0]["rss_anon_before"] / GiB})
+    base = next((r["load s"] for r in rows if r["engine"] == "transformers"), None)
+    for r in rows:
+        r["x transformers time"] = None if base is None else r["load s"] / base
+    report(f"Load to the CPU: {title}, {dtype}", rows, json, {"runs": runs})
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,135 @@
+"""Real LLaMA-family shapes, and checkpoints of random weights in them, so that loading and memory can
+be measured without downloading anything.
+
+`write_meta_checkpoint` cuts each tensor into model-parallel shards the way Meta's releases do;
+`write_hf_checkpoint` converts a Meta folder to Hugging Face's layout (q/k rows permuted back), so that
+both hold the same weights; `write_word_tokenizer` gives either folder a tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from llama_int8.checkpoint import HF_LAYER_NAMES, HF_TOP_NAMES, META_SHARD_DIM, read_meta_tensors
+from llama_int8.loader import empty_model
+from llama_int8.model import ModelArgs
+
+SHAPES: dict[str, ModelArgs] = {
+    "SmolLM2-135M": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                              rope_theta=100000.0, tie_word_embeddings=True),
+    "TinyLlama-1.1B": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632),
+    "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, hidden_dim=11008),
+    "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, hidden_dim=13824),
+    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, hidden_dim=28672),
+    "Llama-3-8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                            rope_theta=500000.0),
+    "Mistral-7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, hidden_dim=14336,
+                            rope_theta=1000000.0),
+}
+
+
+def shape(name: str, **overrides) -> ModelArgs:
+    """A copy of a named shape, with fields overridden (e.g. n_layers=2 for a quick run)."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    return replace(SHAPES[name], **overrides)
+
+
+def random_piece(name: str, piece: int, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Deterministic random values for one piece of one tensor: N(0, 0.02), or ones for norms."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed + zlib.crc32(f"{name}/{piece}".encode()))
+    return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=generator)
+
+
+def meta_params(args: ModelArgs) -> dict:
+    return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+            "vocab_size": args.vocab_size, "hidden_dim": args.ffn_hidden_dim, "norm_eps": args.norm_eps,
+            "rope_theta": args.rope_theta, "tie_word_embeddings": args.tie_word_embeddings}
+
+
+def write_meta_checkpoint(folder: str | Path, args: ModelArgs, shards: int = 1, dtype: torch.dtype = torch.bfloat16,
+                          seed: int = 0) -> Path:
+    """params.json and consolidated.NN.pth holding random weights, each tensor split across shards on
+    its model-parallel axis; one shard is built in memory at a time."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(meta_params(args), indent=1))
+    params = dict(empty_model(args).named_parameters())
+    if args.tie_word_embeddings:
+        params.pop("output.weight")
+    for i in range(shards):
+        shard = {}
+        for name, p in params.items():
+            dim = META_SHARD_DIM[name.split(".")[-2]]
+            piece_shape = list(p.shape)
+            if dim is not None:
+                if piece_shape[dim] % shards:
+                    raise ValueError(f"{name}: {piece_shape[dim]} does not split into {shards} shards")
+                piece_shape[dim] //= shards
+            shard[name] = random_piece(name, 0 if dim is None else i, tuple(piece_shape), dtype, seed)
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+        del shard
+    return folder
+
+
+def permute_rotary_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Meta's interleaved rotary rows -> Hugging Face's half-split layout (what HF's conversion does)."""
+    rows, cols = w.shape
+    # [heads, head_dim/2, 2, cols] -> [heads, 2, head_dim/2, cols]
+    return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+            "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
+            "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+            "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+            "max_position_embeddings": 4096, "tie_word_embeddings": args.tie_word_embeddings,
+            "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def write_hf_checkpoint(meta_folder: str | Path, folder: str | Path, args: ModelArgs,
+                        dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The weights of a Meta folder as config.json + model.safetensors in Hugging Face's names and layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    to_hf = {v: k for k, v in HF_TOP_NAMES.items()}
+    layer_to_hf = {v: k for k, v in HF_LAYER_NAMES.items()}
+    tensors = {}
+    for item in read_meta_tensors(Path(meta_folder), args):
+        name, t = item.name, item.tensor
+        if name in to_hf:
+            hf_name = to_hf[name]
+        else:
+            _, index, *rest = name.split(".")
+            hf_name = f"model.layers.{index}.{layer_to_hf['.'.join(rest[:-1])]}.weight"
+        if name.endswith("attention.wq.weight"):
+            t = permute_rotary_rows(t, args.n_heads, args.head_dim)
+        elif name.endswith("attention.wk.weight"):
+            t = permute_rotary_rows(t, args.n_kv_heads, args.head_dim)
+        tensors[hf_name] = t.to(dtype).contiguous()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=1))
+    return folder
+
+
+def write_word_tokenizer(folder: str | Path, words: int = 256) -> Path:
+    """A small word-level tokenizer.json (<unk>, <s>, </s>, then w3, w4, ...), enough to build a Llama."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, words)}}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = Path(folder) / "tokenizer.json"
+    tokenizer.save(str(path))
+    (Path(folder) / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return path
