@@ -16,10 +16,11 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from the smallest set of tokens whose probabilities add up to at least p; returns [batch]."""
+    """Sample among the top tokens whose probabilities add up to p, as Meta's reference does: a token
+    is dropped when the tokens ranked above it already hold more than p. Returns [batch]."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above each one
-    sorted_probs = sorted_probs.masked_fill(before >= p, 0.0)  # the top token is always kept
+    sorted_probs = sorted_probs.masked_fill(before > p, 0.0)  # the top token (before = 0) is always kept
     choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)  # [batch, 1]
     return order.gather(-1, choice).squeeze(-1)
 

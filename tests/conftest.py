@@ -49,16 +49,15 @@ def hf_to_meta_state(model) -> dict[str, torch.Tensor]:
     from llama_int8.checkpoint import hf_to_meta_name, unpermute_rotary_rows
 
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     state = {}
     for key, t in model.state_dict().items():
         name = hf_to_meta_name(key)
         if name is None:
             continue
         if name.endswith("attention.wq.weight"):
-            t = unpermute_rotary_rows(t, cfg.num_attention_heads, head_dim)
+            t = unpermute_rotary_rows(t, cfg.num_attention_heads, head_dim(cfg))
         elif name.endswith("attention.wk.weight"):
-            t = unpermute_rotary_rows(t, cfg.num_key_value_heads, head_dim)
+            t = unpermute_rotary_rows(t, cfg.num_key_value_heads, head_dim(cfg))
         state[name] = t.clone()
     if cfg.tie_word_embeddings:
         state.pop("output.weight", None)
@@ -81,12 +80,16 @@ def write_meta_folder(model, folder: Path, n_shards: int = 1, tokenizer: Path | 
         torch.save(shard, folder / f"consolidated.{i:02d}.pth")
     params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
               "n_kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size, "norm_eps": cfg.rms_norm_eps,
-              "hidden_dim": cfg.intermediate_size, "rope_theta": hf_rope_theta(cfg),
+              "hidden_dim": cfg.intermediate_size, "rope_theta": hf_rope_theta(cfg), "head_dim": head_dim(cfg),
               "tie_word_embeddings": cfg.tie_word_embeddings, **(params_extra or {})}
     (folder / "params.json").write_text(json.dumps(params))
     if tokenizer is not None:
         (folder / "tokenizer.model").write_bytes(tokenizer.read_bytes())
     return folder
+
+
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def hf_rope_theta(cfg) -> float:
@@ -103,7 +106,7 @@ def sp_model(tmp_path_factory) -> Path:
     (folder / "corpus.txt").write_text(CORPUS.replace(". ", ".\n"))
     spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"),
                                    vocab_size=128, model_type="bpe", character_coverage=1.0,
-                                   byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
                                    minloglevel=2)
     return folder / "tokenizer.model"
 
