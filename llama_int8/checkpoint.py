@@ -245,7 +245,7 @@ def read_hf_tensors(folder: Path, args: ModelArgs) -> Iterator[NamedTensor]:
 @dataclass
 class Checkpoint:
     folder: Path
-    format: str  # "meta" | "hf" | "prebaked" (read by prebaked.load_prebaked, not tensors())
+    format: str  # "meta" | "hf" | "gguf" (gguf_checkpoint) | "prebaked" (read by prebaked.load_prebaked)
     args: ModelArgs
 
     def tensors(self) -> Iterator[NamedTensor]:
@@ -254,10 +254,14 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Detect the checkpoint format of a folder and read its model configuration."""
+    """Detect the checkpoint format of a folder (or a .gguf file) and read its model configuration."""
     folder = Path(path)
+    from .gguf_checkpoint import open_gguf_checkpoint  # imported here: it imports this module
+
+    if folder.is_file() and folder.suffix == ".gguf":
+        return open_gguf_checkpoint(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder does not exist")
+        raise CheckpointError(f"{folder}: checkpoint folder (or .gguf file) does not exist")
     from .prebaked import is_prebaked_folder, prebaked_model_args  # imported here: it imports this module
 
     if is_prebaked_folder(folder):
@@ -266,4 +270,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(folder, "meta", meta_model_args(folder))
     if (folder / "config.json").exists():
         return Checkpoint(folder, "hf", hf_model_args(folder))
-    raise CheckpointError(f"{folder}: no params.json (Meta) or config.json (Hugging Face) found")
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return open_gguf_checkpoint(ggufs[0])
+    if ggufs:
+        raise CheckpointError(f"{folder}: holds {len(ggufs)} GGUF files {[g.name for g in ggufs]}; pass one of them")
+    raise CheckpointError(f"{folder}: no params.json (Meta), config.json (Hugging Face) or .gguf file found")

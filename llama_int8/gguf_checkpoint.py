@@ -1,0 +1,287 @@
+"""GGUF files (llama.cpp's format): LLaMA weights, configuration and tokenizer in one file.
+
+A GGUF is read with the `gguf` package: its metadata becomes a ModelArgs, its tensors are
+dequantized one at a time to float32 under Meta's names, and its vocabulary becomes a `tokenizers`
+tokenizer. llama.cpp's converter undoes Hugging Face's q/k row permutation, so GGUF q/k rows are
+already in Meta's interleaved rotary layout and are used as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, NamedTensor
+from .model import ModelArgs, rope_inverse_frequencies
+from .tokenizer import END_OF_TURN_TOKENS, TokenizerError
+
+log = logging.getLogger(__name__)
+
+GGUF_TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+                  "output.weight": "output.weight"}
+GGUF_LAYER_NAMES = {  # w1/w3/w2 are gate/up/down
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+}
+GGUF_LAYER_KEY = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's rope scaling, stored as per-frequency divisors
+
+# llama.cpp token types (tokenizer.ggml.token_type)
+CONTROL, USER_DEFINED, BYTE = 3, 4, 6
+
+
+@dataclass
+class GGUFCheckpoint(Checkpoint):
+    """A GGUF file, parsed once: the reader serves the configuration, the tensors and the tokenizer."""
+    path: Path
+    reader: Any = field(repr=False)  # gguf.GGUFReader, memory-mapped
+
+    def tensors(self) -> Iterator[NamedTensor]:
+        return read_gguf_tensors(self.reader, self.path)
+
+    def tokenizer(self) -> GGUFTokenizer:
+        return gguf_tokenizer(self.reader, self.path)
+
+
+def open_gguf_checkpoint(path: Path) -> GGUFCheckpoint:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
+        raise CheckpointError(f"{path}: cannot read this GGUF file ({type(e).__name__}: {e})") from e
+    return GGUFCheckpoint(path.parent, "gguf", gguf_model_args(reader, path), path=path, reader=reader)
+
+
+def metadata(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_model_args(reader, path: Path) -> ModelArgs:
+    """ModelArgs from the file's `llama.*` metadata; the head is tied when there is no output.weight."""
+    arch = metadata(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
+
+    def get(key: str, default: Any = None, required: bool = False) -> Any:
+        value = metadata(reader, f"llama.{key}", default)
+        if required and value is None:
+            raise CheckpointError(f"{path}: missing required metadata key 'llama.{key}'")
+        if isinstance(value, list):
+            raise CheckpointError(f"{path}: 'llama.{key}' varies per layer ({value[:4]}...), which is not supported")
+        return value
+
+    if get("expert_count", 0):
+        raise CheckpointError(f"{path}: a mixture-of-experts model (llama.expert_count), which is not supported")
+    tensors = {t.name: t for t in reader.tensors}
+    n_heads = get("attention.head_count", required=True)
+    dim = get("embedding_length", required=True)
+    head_dim = get("attention.key_length", get("rope.dimension_count"))
+    if head_dim is not None and get("rope.dimension_count", head_dim) != head_dim:
+        raise CheckpointError(f"{path}: rotary embedding on {get('rope.dimension_count')} of {head_dim} "
+                              "head dimensions (partial rotary) is not supported")
+    args = ModelArgs(
+        dim=dim, n_layers=get("block_count", required=True), n_heads=n_heads,
+        n_kv_heads=get("attention.head_count_kv"), vocab_size=gguf_vocab_size(reader, tensors, path),
+        head_dim=head_dim, hidden_dim=get("feed_forward_length"),
+        norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=get("rope.freq_base", 10000.0),
+        rope_scaling=gguf_rope_scaling(get("rope.scaling.type"), get("rope.scaling.factor"), path),
+        tie_word_embeddings="output.weight" not in tensors, max_position_embeddings=get("context_length"),
+    )
+    if ROPE_FREQS in tensors:
+        args = with_llama3_rope(args, torch.from_numpy(np.array(tensors[ROPE_FREQS].data, dtype=np.float32)), path)
+    return args
+
+
+def gguf_vocab_size(reader, tensors: dict, path: Path) -> int:
+    size = metadata(reader, "llama.vocab_size")
+    if size is None and "tokenizer.ggml.tokens" in reader.fields:
+        size = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if size is None and "token_embd.weight" in tensors:
+        size = int(tensors["token_embd.weight"].shape[1])  # ggml order: [dim, vocab]
+    if size is None:
+        raise CheckpointError(f"{path}: no llama.vocab_size, token list or token_embd.weight to size the vocabulary")
+    return size
+
+
+def gguf_rope_scaling(kind: str | None, factor: float | None, path: Path) -> dict:
+    if kind in (None, "none"):
+        return {}
+    if kind == "linear" and factor:
+        return {"rope_type": "linear", "factor": factor}
+    raise CheckpointError(f"{path}: llama.rope.scaling.type {kind!r} is not supported (only linear)")
+
+
+def with_llama3_rope(args: ModelArgs, divisors: torch.Tensor, path: Path) -> ModelArgs:
+    """Llama 3.1 GGUFs store the rope scaling as divisors of each frequency; recognize Meta's rule in them."""
+    scaled = replace(args, rope_scaling={"rope_type": "llama3", "factor": float(divisors.max()),
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192})
+    implied = rope_inverse_frequencies(replace(args, rope_scaling={})) / rope_inverse_frequencies(scaled)
+    if implied.shape != divisors.shape or not torch.allclose(implied, divisors, rtol=1e-3):
+        raise CheckpointError(f"{path}: {ROPE_FREQS} does not follow Llama 3.1's rope scaling rule; "
+                              "this rope scaling is not supported")
+    return scaled
+
+
+def gguf_to_meta_name(name: str) -> str | None:
+    if name in GGUF_TOP_NAMES:
+        return GGUF_TOP_NAMES[name]
+    m = GGUF_LAYER_KEY.fullmatch(name)
+    if m and m.group(2) in GGUF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def read_gguf_tensors(reader, path: Path) -> Iterator[NamedTensor]:
+    """Each tensor dequantized to float32, in Meta's [out, in] orientation, one at a time."""
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            continue  # folded into ModelArgs.rope_scaling
+        name = gguf_to_meta_name(t.name)
+        if name is None:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (not part of a LLaMA model)")
+        try:
+            values = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise CheckpointError(f"{path}: tensor {t.name!r} is {t.tensor_type.name}, which gguf cannot "
+                                  f"dequantize ({e})") from e
+        if not values.flags.writeable:
+            values = values.copy()  # F32 comes back as a view of the read-only memory map
+        # ggml lists dimensions innermost first ([in, out]); numpy and torch want them outermost first.
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        yield NamedTensor(name, torch.from_numpy(values.reshape(shape)), str(path))
+
+
+# --- Tokenizer -------------------------------------------------------------------------------------
+
+# llama.cpp's pre-tokenizer regexes (tokenizer.ggml.pre) where they differ from GPT-2's.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT,
+              "smaug-bpe": LLAMA3_SPLIT, "dbrx": LLAMA3_SPLIT,
+              # digits one by one, then GPT-2's split
+              "smollm": r"\p{N}", "starcoder": r"\p{N}", "refact": r"\p{N}"}
+GPT2_PRE = {"default", "gpt2", "gpt-2"}
+
+
+class GGUFTokenizer:
+    """The tokenizer a GGUF describes, rebuilt with `tokenizers`; the Tokenizer protocol of tokenizer.py."""
+
+    def __init__(self, tok, tokens: list[str], token_types: list[int], bos_id: int | None, eos_id: int | None,
+                 add_bos: bool, chat_template: str | None):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        self.chat_template = chat_template
+        control = {t for t, kind in zip(tokens, token_types) if kind == CONTROL}
+        self.stop_ids = frozenset({eos_id} - {None} | {tok.token_to_id(t) for t in END_OF_TURN_TOKENS if t in control})
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of text; bos prepends BOS when the file says to, eos appends EOS."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        prefix = [self.bos_id] if bos and self.add_bos and self.bos_id is not None else []
+        return prefix + ids + ([self.eos_id] if eos and self.eos_id is not None else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+    def save(self, folder: Path) -> None:
+        """Write tokenizer.json and a tokenizer_config.json that HFTokenizer reads to the same ids."""
+        self.tok.save(str(folder / "tokenizer.json"))
+        config = {"bos_token": self.piece(self.bos_id), "eos_token": self.piece(self.eos_id),
+                  "add_bos_token": self.add_bos, "chat_template": self.chat_template}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
+    def piece(self, i: int | None) -> str | None:
+        return None if i is None else self.tok.id_to_token(i)
+
+
+def gguf_tokenizer(reader, path: Path) -> GGUFTokenizer:
+    """The tokenizer of a GGUF file: byte-level BPE ('gpt2') or SentencePiece-style ('llama')."""
+    kind = metadata(reader, "tokenizer.ggml.model")
+    tokens = metadata(reader, "tokenizer.ggml.tokens")
+    if not tokens:
+        raise TokenizerError(f"{path}: no tokenizer.ggml.tokens; pass --tokenizer_path")
+    types = metadata(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if kind == "gpt2":
+        tok = byte_level_bpe(tokens, metadata(reader, "tokenizer.ggml.merges") or [],
+                             metadata(reader, "tokenizer.ggml.pre", "default"), path)
+    elif kind == "llama":
+        scores = metadata(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        tok = sentencepiece_bpe(tokens, scores, types, metadata(reader, "tokenizer.ggml.add_space_prefix", True))
+    else:
+        raise TokenizerError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (gpt2, llama); "
+                             "pass --tokenizer_path")
+    add_special_tokens(tok, tokens, types)
+    default_bos = kind == "llama"  # llama.cpp adds BOS to SentencePiece vocabularies that do not say
+    return GGUFTokenizer(tok, tokens, types, metadata(reader, "tokenizer.ggml.bos_token_id"),
+                         metadata(reader, "tokenizer.ggml.eos_token_id"),
+                         metadata(reader, "tokenizer.ggml.add_bos_token", default_bos),
+                         metadata(reader, "tokenizer.chat_template"))
+
+
+def byte_level_bpe(tokens: list[str], merges: list[str], pre: str, path: Path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    llama3 = PRE_SPLITS.get(pre) == LLAMA3_SPLIT
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
+                               ignore_merges=llama3))  # llama 3 keeps a word whole when it is a token
+    if pre not in PRE_SPLITS and pre not in GPT2_PRE:
+        log.warning("%s: tokenizer.ggml.pre %r is not known here; splitting text as GPT-2 does, which may "
+                    "differ from llama.cpp", path, pre)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not llama3)
+    split = PRE_SPLITS.get(pre)
+    tok.pre_tokenizer = (byte_level if split is None else
+                         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level]))
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int], add_space_prefix: bool):
+    """A SentencePiece BPE vocabulary as a `tokenizers` BPE: merges ranked by the merged piece's score."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, i in vocab.items():
+        if types[i] in (CONTROL, BYTE):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[i], vocab[left], vocab[right], left, right))
+    merges = [(left, right) for *_, left, right in sorted(ranked)]
+    unk = next((t for t, kind in zip(tokens, types) if kind == 2), None)
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=BYTE in types))
+    steps = [normalizers.Prepend("\u2581")] if add_space_prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    decode_steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(decode_steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    return tok
+
+
+def add_special_tokens(tok, tokens: list[str], types: list[int]) -> None:
+    """Control tokens (<|im_start|>, <s>...) become special and user-defined ones added tokens, so
+    both are matched whole in text instead of being split into pieces."""
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, kind in zip(tokens, types) if kind == CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, kind in zip(tokens, types) if kind == USER_DEFINED])
