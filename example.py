@@ -1,21 +1,33 @@
-"""Complete prompts with a LLaMA-family checkpoint, streaming the answer as it is generated.
+"""Chat with, or complete prompts with, a LLaMA-family checkpoint, streaming the answer as it is generated.
 
-    python example.py --ckpt_dir 13B --max_batch_size=1
+    python example.py                                     # the demo model (SmolLM2-135M-Instruct): a few questions
+    python example.py --chat                              # talk to it: one message a line, EOF or "exit" ends
+    python example.py --ckpt_dir 13B --max_batch_size=1   # a base model: the built-in completion prompts
     python example.py --ckpt_dir 13B --prompt "Simply put, the theory of relativity states that"
     python example.py --ckpt_dir 13B --quant nf4          # int8 (LLM.int8()) by default; none for 16-bit
     python example.py --ckpt_dir 13B-int8                 # pre-baked by quantize_offline.py: no re-quantizing
+    python example.py --ckpt_dir llama-2-7b-chat --chat --system "Answer in one sentence."
+
+Chat models (a tokenizer with a chat template, or a folder named *chat*) answer the built-in questions;
+other models complete the built-in prompts. --prompt always completes the given text as it is.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import fire
 import torch
 
 from llama_int8 import Llama
+from llama_int8.chat import Dialog, fit_dialog
+from llama_int8.demo import demo_gguf_path
 from llama_int8.logs import setup_logging
+
+log = logging.getLogger("example")
 
 BUILT_IN_PROMPTS = [
     "I believe the meaning of life is",
@@ -23,30 +35,125 @@ BUILT_IN_PROMPTS = [
     "Building a website can be done in 10 simple steps:\n",
 ]
 
+BUILT_IN_QUESTIONS = [
+    "What is the capital of France?",
+    "Give three tips for staying healthy.",
+    "Write a haiku about the sea.",
+]
 
-def main(ckpt_dir: str | list[str], tokenizer_path: str | None = None, prompt: str | list[str] | None = None,
+SEPARATOR = "\n\n==================================\n"
+EXIT_WORDS = ("exit", "quit")
+
+
+def main(ckpt_dir: str | list[str] | None = None, tokenizer_path: str | None = None,
+         prompt: str | list[str] | None = None, chat: bool = False, system: str | None = None,
          max_batch_size: int = 1, max_seq_len: int = 512, max_gen_len: int = 256, temperature: float = 0.6,
          top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int = 1, device: str | None = None,
          dtype: str | None = None, quant: str = "int8", attention: str | None = None,
-         int8_threshold: float | None = None, blocksize: int | None = None, quantize_head: bool = False) -> None:
+         int8_threshold: float | None = None, blocksize: int | None = None, quantize_head: bool = False,
+         sliding_window: int | None = None, prefill_chunk: int | None = None,
+         delta: str | list[str] | None = None) -> None:
+    """ckpt_dir: a checkpoint folder or GGUF file (default: the demo model, fetched on first use), or a
+    stack '[base,finetune,lora-adapter]' merged in order; delta: folders added to it (llama_int8/overlays.py).
+    chat: an interactive conversation on stdin; system: a system message for the chat and the questions.
+    sliding_window: attend to the last N tokens only, overriding the checkpoint's (the KV cache holds N);
+    prefill_chunk: prefill long prompts N tokens at a time."""
     setup_logging()
-    prompts = BUILT_IN_PROMPTS if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+    if ckpt_dir is None:
+        ckpt_dir = str(demo_gguf_path())
+        log.info("No --ckpt_dir given: using the demo model %s", ckpt_dir)
     llm = Llama.build(ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                       max_batch_size=max_batch_size, quant=quant, device=device, dtype=dtype, attention=attention,
-                      int8_threshold=int8_threshold, blocksize=blocksize, quantize_head=quantize_head)
+                      int8_threshold=int8_threshold, blocksize=blocksize, quantize_head=quantize_head,
+                      sliding_window=sliding_window, prefill_chunk=prefill_chunk, delta=delta)
     sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len,
                     repetition_penalty=repetition_penalty, seed=seed)
+    if chat:
+        chat_loop(llm, system, sampling, max_seq_len)
+    elif prompt is None and is_chat_model(llm, ckpt_dir):
+        dialogs = [with_system(system) + [{"role": "user", "content": q}] for q in BUILT_IN_QUESTIONS]
+        answer_questions(llm, dialogs, sampling, max_batch_size)
+    else:
+        prompts = BUILT_IN_PROMPTS if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        complete_prompts(llm, prompts, sampling, max_batch_size)
+
+
+def is_chat_model(llm: Llama, ckpt_dir: str | list[str]) -> bool:
+    """A tokenizer with a chat template, or Meta's naming (llama-2-7b-chat) for the Llama 2 format."""
+    name = Path(ckpt_dir if isinstance(ckpt_dir, str) else ckpt_dir[0]).name.lower()
+    return getattr(llm.tokenizer, "chat_template", None) is not None or "chat" in name
+
+
+def with_system(system: str | None) -> Dialog:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def complete_prompts(llm: Llama, prompts: list[str], sampling: dict, max_batch_size: int) -> None:
     if max_batch_size == 1:
         for text in prompts:
-            print(f"{text}", end="", flush=True)
-            for piece in llm.stream_completion(text, **sampling):
-                print(piece, end="", flush=True)
-            print("\n\n==================================\n", flush=True)
+            print(text, end="", flush=True)
+            print_stream(llm.stream_completion(text, **sampling))
+            print(SEPARATOR, flush=True)
         return
     for start in range(0, len(prompts), max_batch_size):
         batch = prompts[start:start + max_batch_size]
         for text, result in zip(batch, llm.text_completion(batch, **sampling)):
-            print(f"{text}{result['generation']}\n\n==================================\n", flush=True)
+            print(f"{text}{result['generation']}{SEPARATOR}", flush=True)
+
+
+def answer_questions(llm: Llama, dialogs: list[Dialog], sampling: dict, max_batch_size: int) -> None:
+    if max_batch_size == 1:
+        for dialog in dialogs:
+            print(f"User: {dialog[-1]['content']}\n\nAssistant: ", end="", flush=True)
+            print_stream(llm.stream_chat(dialog, **sampling))
+            print(SEPARATOR, flush=True)
+        return
+    for start in range(0, len(dialogs), max_batch_size):
+        batch = dialogs[start:start + max_batch_size]
+        for dialog, result in zip(batch, llm.chat_completion(batch, **sampling)):
+            answer = result["generation"]["content"].strip()
+            print(f"User: {dialog[-1]['content']}\n\nAssistant: {answer}{SEPARATOR}", flush=True)
+
+
+def chat_loop(llm: Llama, system: str | None, sampling: dict, max_seq_len: int) -> None:
+    """Read one user message a line until EOF or "exit"; the history goes with each message, its
+    oldest exchanges dropped when the conversation would leave no room for the answer."""
+    room = min(sampling["max_gen_len"], max_seq_len // 2)
+    dialog = with_system(system)
+    while (text := read_user_message()) is not None:
+        dialog.append({"role": "user", "content": text})
+        try:
+            dialog, dropped = fit_dialog(llm.encode_dialog, dialog, max_seq_len - room)
+        except ValueError as e:
+            log.error("%s", e)
+            dialog.pop()
+            continue
+        if dropped:
+            log.warning("Dropped the %d oldest exchange(s) of the conversation to fit max_seq_len=%d",
+                        dropped, max_seq_len)
+        answer = print_stream(llm.stream_chat(dialog, **sampling))
+        print("\n", flush=True)
+        dialog.append({"role": "assistant", "content": answer.strip()})
+
+
+def read_user_message() -> str | None:
+    """The next non-empty line of stdin, or None at EOF or an exit word."""
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip().lower() in EXIT_WORDS:
+            return None
+        if line.strip():
+            return line.strip()
+
+
+def print_stream(pieces: Iterator[str]) -> str:
+    """Print the pieces as they come; the whole text."""
+    text = ""
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        text += piece
+    return text
 
 
 if __name__ == "__main__":
@@ -54,5 +161,5 @@ if __name__ == "__main__":
     try:
         fire.Fire(main)
     except (ValueError, FileNotFoundError) as e:
-        logging.getLogger("example").error("%s", e)
+        log.error("%s", e)
         sys.exit(1)

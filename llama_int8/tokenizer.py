@@ -22,6 +22,7 @@ class Tokenizer(Protocol):
     eos_id: int | None
     stop_ids: frozenset[int]
     vocab_size: int
+    chat_template: str | None  # a jinja chat template; None: chat uses the Llama 2 format
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
@@ -41,6 +42,7 @@ class SentencePieceTokenizer:
         self.bos_id = none_if_negative(self.sp.bos_id())
         self.eos_id = none_if_negative(self.sp.eos_id())
         self.stop_ids = frozenset({self.eos_id} - {None})
+        self.chat_template: str | None = None  # tokenizer.model carries none: chat uses the Llama 2 format
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of text, with BOS/EOS ids (never their literal text) added on request."""
@@ -89,6 +91,8 @@ class HFTokenizer:
         # Whether BOS is prepended: the config says so, or the tokenizer's own post-processor adds it.
         self.add_bos = tok_cfg.get("add_bos_token", self.post_processor_adds_bos())
         self.stop_ids = frozenset(self.collect_stop_ids(gen_cfg, model_cfg))
+        self.chat_template = read_chat_template(folder, tok_cfg)
+        self.special_tokens_map = named_special_tokens(tok_cfg)
 
     def special_id(self, token: str | dict | None, fallback: int | list | None) -> int | None:
         if isinstance(token, dict):
@@ -123,6 +127,32 @@ class HFTokenizer:
 
     def token_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
+
+
+def read_chat_template(folder: Path, tok_cfg: dict) -> str | None:
+    """The chat template as transformers finds it: chat_template.jinja, else tokenizer_config.json's
+    `chat_template` (a string, or a list of named templates of which the "default" one is used)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise TokenizerError(f"{folder / 'tokenizer_config.json'}: chat_template lists {sorted(map(str, named))} "
+                                 "but no 'default' template")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list "
+                             f"of {{name, template}}, got {type(template).__name__}")
+    return template
+
+
+def named_special_tokens(tok_cfg: dict) -> dict[str, str]:
+    """bos_token, eos_token, ... as strings (what a chat template sees), from tokenizer_config.json."""
+    names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+    tokens = {name: tok_cfg.get(name) for name in names}
+    tokens = {name: t.get("content") if isinstance(t, dict) else t for name, t in tokens.items()}
+    return {name: t for name, t in tokens.items() if isinstance(t, str)}
 
 
 def read_optional_json(path: Path) -> dict:
