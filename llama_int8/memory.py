@@ -41,7 +41,8 @@ def peak_host_rss_bytes() -> int:
 
 def describe_memory(model: nn.Module, device: torch.device) -> str:
     parts = [f"weights {weight_bytes(model) / GiB:.2f} GiB",
-             f"KV cache {model.cache_bytes() / MiB:.0f} MiB ({model.max_batch_size} x {model.max_seq_len} tokens)",
+             f"KV cache {model.cache_bytes() / MiB:.0f} MiB ({model.max_batch_size} x {model.max_seq_len} tokens"
+             + (f", {model.args.sliding_window}-token sliding window)" if model.args.sliding_window else ")"),
              f"peak host RSS {peak_host_rss_bytes() / GiB:.2f} GiB"]
     if device.type == "cuda":
         parts.append(f"peak GPU allocated {torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB")

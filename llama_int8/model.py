@@ -108,6 +108,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.flatten(-2).to(x.dtype)
 
 
+# Sliding-window convention, as Mistral and Hugging Face transformers define it (masking_utils:
+# sliding_window_overlay keeps kv_idx > q_idx - sliding_window, on top of the causal kv_idx <= q_idx):
+# the query at position p sees the keys at positions p - window < k <= p, i.e. itself and the
+# window - 1 positions before it. flash-attn spells the same thing window_size=(window - 1, 0).
+#
+# Key layout every cache returns, and every attention backend assumes: the s queries of a block
+# align bottom-right with the t keys, query i standing at key index t - s + i, and no key a query
+# may see is missing. With one query (decode) the keys may come in any order when the query sees
+# them all, which is what lets the rolling cache return its ring buffer as it is.
+
+
 class KVCache(nn.Module):
     """Keys and values of every position so far, preallocated as [batch, kv_heads, max_seq_len, head_dim]."""
 
@@ -119,7 +130,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [b, kv_heads, s, d] at start_pos; return all keys and values up to the last one."""
+        """Store k, v [b, kv_heads, s, d] at start_pos; return the keys and values of positions 0..start_pos+s-1."""
         b, _, s, _ = k.shape
         end = start_pos + s
         self.k[:b, :, start_pos:end] = k
@@ -127,55 +138,133 @@ class KVCache(nn.Module):
         return self.k[:b, :, :end], self.v[:b, :, :end]
 
 
-def causal_mask(start_pos: int, s: int, device: torch.device) -> torch.Tensor:
-    """Boolean [s, start_pos + s]: query i (at position start_pos + i) sees keys 0..start_pos + i.
+class RollingKVCache(nn.Module):
+    """The last `window` keys and values only, in a ring buffer [batch, kv_heads, window, head_dim]:
+    position p lives in slot p % window, so the cache's size depends on the window, not on how long
+    the text grows.
 
-    SDPA's is_causal aligns the triangle top-left, which is wrong once queries continue a cache,
-    so the mask is always explicit here.
+    Like KVCache, update() assumes the positions before start_pos were written by earlier calls.
     """
-    q_pos = torch.arange(start_pos, start_pos + s, device=device)[:, None]
-    k_pos = torch.arange(start_pos + s, device=device)[None, :]
-    return k_pos <= q_pos
+
+    def __init__(self, batch: int, n_kv_heads: int, window: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.window = window
+        shape = (batch, n_kv_heads, window, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [b, kv_heads, s, d] at start_pos; return the keys and values the block's queries see.
+
+        One query: the whole filled ring (it sees every slot, in whatever order). A block: the window - 1
+        positions before it, gathered in order, followed by the block itself; the block's last `window`
+        entries then replace the oldest slots.
+        """
+        b, _, s, _ = k.shape
+        w = self.window
+        if s == 1:
+            slot = start_pos % w
+            self.k[:b, :, slot] = k[:, :, 0]
+            self.v[:b, :, slot] = v[:, :, 0]
+            filled = min(start_pos + 1, w)
+            return self.k[:b, :, :filled], self.v[:b, :, :filled]
+        past = torch.arange(max(0, start_pos - (w - 1)), start_pos, device=k.device) % w
+        keys = torch.cat((self.k[:b, :, past], k), dim=2)  # [b, kv_h, past + s, d]
+        values = torch.cat((self.v[:b, :, past], v), dim=2)
+        kept = min(s, w)  # a block longer than the window keeps only its last `window` entries
+        slots = torch.arange(start_pos + s - kept, start_pos + s, device=k.device) % w
+        self.k[:b].index_copy_(2, slots, k[:, :, s - kept:])
+        self.v[:b].index_copy_(2, slots, v[:, :, s - kept:])
+        return keys, values
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, backend: str) -> torch.Tensor:
-    """Causal attention of q [b, s, h, d] over cached k, v [b, kv_h, t, d]; returns [b, s, h, d].
+def cache_slots(max_seq_len: int, window: int | None) -> int:
+    """Positions each layer's cache holds: all of them, or the last `window` with a sliding window."""
+    return max_seq_len if window is None else min(window, max_seq_len)
 
-    Every backend uses the same convention: the query at position p sees keys 0..p.
-    """
-    s = q.shape[1]
+
+def kv_cache_bytes(args: ModelArgs, batch: int, max_seq_len: int, dtype: torch.dtype,
+                   window: int | None = None) -> int:
+    """Bytes the KV cache of all layers takes for batch x max_seq_len tokens, with or without a window."""
+    per_layer = 2 * batch * args.n_kv_heads * cache_slots(max_seq_len, window) * args.head_dim
+    return args.n_layers * per_layer * dtype.itemsize
+
+
+def attention_mask(s: int, t: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean [s, t], True where query i (at key index t - s + i) may see key j: causal, and within
+    the sliding window when there is one (see the convention above)."""
+    q_idx = torch.arange(t - s, t, device=device)[:, None]
+    k_idx = torch.arange(t, device=device)[None, :]
+    visible = k_idx <= q_idx
+    if window is not None:
+        visible &= k_idx > q_idx - window
+    return visible
+
+
+# SDPA broadcasts key/value heads itself from torch 2.5 on, but only its unmasked kernels do so
+# efficiently (a mask with enable_gqa falls back to the math kernel): expand the heads when masked.
+SDPA_HAS_GQA = torch.__version__ >= (2, 5)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, backend: str) -> torch.Tensor:
+    """Causal (sliding-window) attention of q [b, s, h, d] over k, v [b, kv_h, t, d] laid out as the
+    caches return them (queries bottom-right); returns [b, s, h, d]."""
+    s, t = q.shape[1], k.shape[2]
+    if window is not None and t > window - 1 + s:  # keys older than the first query's window
+        k, v = k[:, :, t - (window - 1 + s):], v[:, :, t - (window - 1 + s):]
+        t = window - 1 + s
     if backend == "flash":
-        from flash_attn import flash_attn_func  # imported lazily: optional, CUDA-only
-
-        # flash-attn >= 2.1 aligns the causal mask bottom-right, matching a query block that ends the cache.
-        out = flash_attn_func(q, k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return out
+        return flash_attend(q, k, v, window)
     q = q.transpose(1, 2)  # [b, h, s, d]
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:
+    if backend == "math":
+        return math_attend(q, k, v, window, groups).transpose(1, 2)
+    # One query sees every key left (the window trimmed the rest); a block that starts the sequence
+    # is plain top-left causal, which SDPA's is_causal gets right only when s == t.
+    whole_prefix = s == t and (window is None or t <= window)
+    mask = None if s == 1 or whole_prefix else attention_mask(s, t, window, q.device)
+    gqa = groups > 1 and mask is None and SDPA_HAS_GQA
+    if groups > 1 and not gqa:
         k = k.repeat_interleave(groups, dim=1)  # [b, h, t, d]
         v = v.repeat_interleave(groups, dim=1)
-    mask = None if s == 1 else causal_mask(start_pos, s, q.device)
-    if backend == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    else:
-        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [b, h, s, t]
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        out = (scores.softmax(-1) @ v.float()).to(q.dtype)
+    extra = {"enable_gqa": True} if gqa else {}
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=whole_prefix and s > 1, **extra)
     return out.transpose(1, 2)  # [b, s, h, d]
+
+
+def math_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                groups: int) -> torch.Tensor:
+    """The reference: explicit float32 scores and mask. q [b, h, s, d], k, v [b, kv_h, t, d] -> [b, h, s, d]."""
+    k = k.repeat_interleave(groups, dim=1)  # [b, h, t, d]
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [b, h, s, t]
+    mask = attention_mask(q.shape[2], k.shape[2], window, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def flash_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """flash-attn (CUDA, 16-bit): q [b, s, h, d], k, v [b, kv_h, t, d] -> [b, s, h, d]. Its causal mask
+    aligns bottom-right (flash-attn >= 2.1) and it takes key/value heads as they are."""
+    from flash_attn import flash_attn_func  # imported lazily: optional, CUDA-only
+
+    window_size = (-1, -1) if window is None else (window - 1, 0)
+    return flash_attn_func(q, k.transpose(1, 2), v.transpose(1, 2), causal=True,  # [b, t, kv_h, d] views
+                           window_size=window_size)
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, backend: str):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window
         self.backend = backend
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.cache: KVCache | None = None
+        self.cache: KVCache | RollingKVCache | None = None
 
     def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -184,7 +273,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys, values = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), start_pos)  # [b, kv_h, t, d]
-        out = attend(q, keys, values, start_pos, self.backend)  # [b, s, h, d]
+        out = attend(q, keys, values, self.window, self.backend)  # [b, s, h, d]
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -226,14 +315,27 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self.prefill_chunk: int | None = None
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
-                     device: torch.device | str) -> None:
-        """Allocate the KV cache and rotary tables for up to max_batch_size x max_seq_len tokens."""
+                     device: torch.device | str, prefill_chunk: int | None = None) -> None:
+        """Allocate the KV cache and rotary tables for up to max_batch_size sequences of max_seq_len tokens.
+
+        With a sliding window each layer keeps only the last `window` positions (RollingKVCache).
+        prefill_chunk: blocks longer than this are run in chunks of it, bounding the activations;
+        with a window a chunk never exceeds the window.
+        """
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         a = self.args
+        window = a.sliding_window
+        self.prefill_chunk = prefill_chunk if window is None else min(prefill_chunk or window, window)
+        slots = cache_slots(max_seq_len, window)
         for layer in self.layers:
-            layer.attention.cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype, device)
+            # Below max_seq_len positions the window never bites: a plain cache is the same thing.
+            cache = RollingKVCache if slots < max_seq_len else KVCache
+            layer.attention.cache = cache(max_batch_size, a.n_kv_heads, slots, a.head_dim, dtype, device)
         cos, sin = rope_tables(a, max_seq_len, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -244,17 +346,30 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
         """Logits (float32) for tokens [b, s] placed at positions start_pos..start_pos+s-1.
 
-        Returns [b, s, vocab], or [b, 1, vocab] for the last position when last_only is set.
+        Returns [b, s, vocab], or [b, 1, vocab] for the last position when last_only is set. Blocks
+        longer than the prefill chunk run chunk by chunk, through the cache.
         """
         b, s = tokens.shape
         if b > self.max_batch_size or start_pos + s > self.max_seq_len:
             raise ValueError(f"{b} sequences up to position {start_pos + s} exceed the cache "
                              f"({self.max_batch_size} x {self.max_seq_len}); call setup_caches with more")
+        chunk = self.prefill_chunk or s
+        hidden: list[torch.Tensor] = []
+        for i in range(0, s, chunk):
+            h = self.run_blocks(tokens[:, i:i + chunk], start_pos + i)
+            if last_only:  # the earlier chunks only fill the cache: keep nothing of theirs
+                hidden = [h[:, -1:]]
+            else:
+                hidden.append(h)
+        h = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=1)
+        return self.output(self.norm(h)).float()
+
+    def run_blocks(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Hidden states [b, s, dim] after the last block, for tokens [b, s] at start_pos onwards."""
+        s = tokens.shape[1]
         h = self.tok_embeddings(tokens)
         cos = self.rope_cos[start_pos:start_pos + s]
         sin = self.rope_sin[start_pos:start_pos + s]
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin)
-        if last_only:
-            h = h[:, -1:]
-        return self.output(self.norm(h)).float()
+        return h
