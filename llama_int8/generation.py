@@ -1,16 +1,18 @@
-"""The user-facing generator: `Llama.build`, `generate`, `text_completion` and streaming."""
+"""The user-facing generator: `Llama.build`, `generate`, `text_completion`, `chat_completion` and streaming."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Collection, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TypedDict
 
 import torch
 
-from .checkpoint import open_checkpoint
+from .chat import ChatPrediction, Dialog, encode_dialog
+from .overlays import open_stack
 from .loader import (choose_attention_backend, count_expected_tensors, default_device, default_dtype,
                      empty_model, fill_model)
 from .memory import describe_memory
@@ -37,8 +39,13 @@ class Llama:
               max_seq_len: int = 512, max_batch_size: int = 1, quant: str = "int8",
               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
               attention: str | None = None, int8_threshold: float | None = None, blocksize: int | None = None,
-              quantize_head: bool = False) -> Llama:
+              quantize_head: bool = False, delta: str | Path | list[str | Path] | None = None,
+              sliding_window: int | None = None, prefill_chunk: int | None = None) -> Llama:
         """Load a checkpoint folder (Meta, Hugging Face or pre-baked) and its tokenizer, ready to generate.
+
+        ckpt_dir may list several folders: a base, then overlays (partial checkpoints whose tensors
+        replace the base's, PEFT LoRA adapters) merged in order before quantizing; delta lists
+        folders added to the weights (base + delta). See overlays.py; the tokenizer is the base's.
 
         quant: int8 (LLM.int8()), nf4, nf4-dq, fp4, fp4-dq or none; the linear layers of the blocks
         are quantized on the host as they are read (the head too with quantize_head), and only their
@@ -47,20 +54,26 @@ class Llama:
         blocksize: 4-bit weights per scale (default 64, 32 for the -dq modes).
         max_seq_len x max_batch_size sizes the KV cache, allocated once here. attention picks the
         backend ("flash", "sdpa", "math"); None takes flash-attn where it is installed and usable.
+        sliding_window: each token attends to itself and the sliding_window - 1 before it, overriding
+        the checkpoint's (None keeps it); the KV cache then holds only that many positions.
+        prefill_chunk: prompts longer than this are prefilled in chunks of it (at most the window).
         """
         start = time.perf_counter()
-        folders = [ckpt_dir] if isinstance(ckpt_dir, (str, Path)) else list(ckpt_dir)
-        if len(folders) != 1:
-            raise ValueError(f"ckpt_dir: expected one checkpoint folder, got {len(folders)}")
         cfg = parse_quant_mode(quant, 6.0 if int8_threshold is None else int8_threshold, blocksize, quantize_head)
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size ({max_batch_size}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
-        checkpoint = open_checkpoint(folders[0])
-        tokenizer = load_tokenizer(find_tokenizer_file(checkpoint.folder, tokenizer_path))
+        checkpoint = open_stack(ckpt_dir, delta)
+        if checkpoint.format == "gguf" and tokenizer_path is None:
+            tokenizer = checkpoint.tokenizer()  # rebuilt from the GGUF's own vocabulary
+        else:
+            tokenizer = load_tokenizer(find_tokenizer_file(checkpoint.folder, tokenizer_path))
         device = torch.device(device) if device is not None else default_device()
         dtype = resolve_dtype(dtype, device)
         backend = choose_attention_backend(attention, device, dtype)
-        model = empty_model(checkpoint.args, backend)
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        args = checkpoint.args if sliding_window is None else replace(checkpoint.args, sliding_window=sliding_window)
+        model = empty_model(args, backend)
         if checkpoint.format == "prebaked":
             baked = load_prebaked(model, checkpoint.folder, device, dtype, int8_threshold)
             if baked.name != cfg.name:
@@ -72,7 +85,7 @@ class Llama:
                 log.warning("%s ties the head to the embedding: the head is kept 16-bit", checkpoint.folder)
             fill_model(model, checkpoint.tensors(), device, dtype, linear_hook=make_linear_hook(cfg, device, dtype),
                        total=count_expected_tensors(checkpoint.args))
-        model.setup_caches(max_batch_size, max_seq_len, dtype, device)
+        model.setup_caches(max_batch_size, max_seq_len, dtype, device, prefill_chunk)
         model.eval()
         log.info("Loaded %s checkpoint %s in %.1f s (%s, %s, %s, %s attention): %s", checkpoint.format,
                  checkpoint.folder, time.perf_counter() - start, cfg.name, device, str(dtype).removeprefix("torch."),
@@ -108,6 +121,7 @@ class Llama:
         stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        n_generated = torch.zeros(bsz, dtype=torch.long, device=device)  # shorter prompts must stop at max_gen_len too
         prev_pos = 0
         for cur_pos in range(min(len(t) for t in prompt_tokens), total_len):
             logits = model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=True)[:, -1]
@@ -118,7 +132,8 @@ class Llama:
             seen[torch.arange(bsz, device=device), nxt] = True
             emitted = ~forced & ~done
             yield [int(t) if e else None for t, e in zip(nxt.tolist(), emitted.tolist())]
-            done |= emitted & torch.isin(nxt, stop_tensor)
+            n_generated += emitted
+            done |= (emitted & torch.isin(nxt, stop_tensor)) | (n_generated >= max_gen_len)
             prev_pos = cur_pos
             if bool(done.all()):
                 break
@@ -164,6 +179,26 @@ class Llama:
         """Yield the completion of one prompt piece by piece as it is generated."""
         tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
         yield from self.stream_tokens(tokens, temperature, top_p, max_gen_len, repetition_penalty, seed)
+
+    def encode_dialog(self, dialog: Dialog) -> list[int]:
+        """The prompt tokens of a dialog in this model's chat format (see chat.encode_dialog)."""
+        return encode_dialog(self.tokenizer, dialog)
+
+    def chat_completion(self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: int | None = None, repetition_penalty: float = 1.0,
+                        seed: int | None = None) -> list[ChatPrediction]:
+        """The assistant's next message for each dialog, generated as one batch."""
+        prompt_tokens = [self.encode_dialog(d) for d in dialogs]
+        generated = self.generate(prompt_tokens, max_gen_len, temperature, top_p, repetition_penalty, seed)
+        return [{"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}, "tokens": t}
+                for t in generated]
+
+    def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
+                    max_gen_len: int | None = None, repetition_penalty: float = 1.0,
+                    seed: int | None = None) -> Iterator[str]:
+        """Yield the assistant's next message in a dialog piece by piece as it is generated."""
+        yield from self.stream_tokens(self.encode_dialog(dialog), temperature, top_p, max_gen_len,
+                                      repetition_penalty, seed)
 
     def stream_tokens(self, prompt_tokens: list[int], temperature: float, top_p: float,
                       max_gen_len: int | None, repetition_penalty: float, seed: int | None) -> Iterator[str]:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint, CheckpointError, NamedTensor, open_safetensors, read_json, read_safetensors_tensor
 from .loader import checked_tensors, empty_model, fill_model, set_submodule
 from .model import ModelArgs, Transformer
+from .overlays import CheckpointStack
 from .quantize import (BITSANDBYTES_VERSION, QuantConfig, expected_quantized_tensors, quantize_weight,
                        quantized_layer_names, quantized_linear)
 from .tokenizer import find_tokenizer_file
@@ -134,18 +135,21 @@ def write_prebaked(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig
         cfg = replace(cfg, quantize_head=False)
     from . import __version__  # here: the package imports this module while it initializes
 
-    tokenizer = find_tokenizer_file(checkpoint.folder, tokenizer_path)
+    from_gguf = checkpoint.format == "gguf" and tokenizer_path is None  # the tokenizer is inside the file
+    tokenizer = checkpoint.path if from_gguf else find_tokenizer_file(checkpoint.folder, tokenizer_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         start = time.perf_counter()
         table = write_quantized_shards(checkpoint, cfg, tmp, shard_bytes)
-        copy_tokenizer(tokenizer, tmp)
+        if from_gguf:
+            checkpoint.tokenizer().save(tmp)  # tokenizer.json + tokenizer_config.json for HFTokenizer
+        else:
+            copy_tokenizer(tokenizer, tmp)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "quant": cfg.to_dict(),
             "model": asdict(checkpoint.args),
-            "source": {"path": str(checkpoint.folder.resolve()), "format": checkpoint.format,
-                       "tokenizer": str(tokenizer.resolve())},
+            "source": source_record(checkpoint, tokenizer),
             "tool": {"name": "llama_int8", "version": __version__, "bitsandbytes": BITSANDBYTES_VERSION,
                      "torch": torch.__version__},
             "tensors": {name: {"shard": e.shard, "dtype": e.dtype, "shape": list(e.shape)}
@@ -159,6 +163,15 @@ def write_prebaked(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def source_record(checkpoint: Checkpoint, tokenizer: Path) -> dict:
+    """Where the weights came from; for a stack, every folder in the order it was merged."""
+    record = {"path": str(checkpoint.folder.resolve()), "format": checkpoint.format,
+              "tokenizer": str(tokenizer.resolve())}
+    if isinstance(checkpoint, CheckpointStack):
+        record["stack"] = checkpoint.record()
+    return record
 
 
 def write_quantized_shards(checkpoint: Checkpoint, cfg: QuantConfig, folder: Path, shard_bytes: int
