@@ -34,8 +34,8 @@ from .checkpoint import Checkpoint, CheckpointError, NamedTensor, open_safetenso
 from .loader import checked_tensors, empty_model, fill_model, set_submodule
 from .model import ModelArgs, Transformer
 from .overlays import CheckpointStack
-from .quantize import (BITSANDBYTES_VERSION, QuantConfig, expected_quantized_tensors, quantize_weight,
-                       quantized_layer_names, quantized_linear)
+from .quantize import (BITSANDBYTES_VERSION, QuantConfig, check_packed_quant_state, expected_quantized_tensors,
+                       quantize_weight, quantized_layer_names, quantized_linear)
 from .tokenizer import find_tokenizer_file
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,12 @@ def replace_folder(new: Path, target: Path) -> None:
         return
     old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
     os.replace(target, old / target.name)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / target.name, target)  # put the old folder back: never leave neither in place
+        old.rmdir()
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -358,6 +363,13 @@ def load_prebaked(model: Transformer, folder: str | Path, device: torch.device, 
         for layer in tqdm(manifest.quantized_layers(), desc="Loading quantized layers", unit="layer", leave=False):
             linear = model.get_submodule(layer)
             tensors = {name.removeprefix(f"{layer}."): read(name).tensor for name in by_layer[layer]}
+            if cfg.is_4bit:
+                # The packed state is JSON the manifest can only list, not describe: check it here,
+                # where a mismatch would otherwise dequantize to wrong weights without an error.
+                problem = check_packed_quant_state(tensors, linear.out_features, linear.in_features, cfg)
+                if problem:
+                    shard = manifest.folder / manifest.tensors[f"{layer}.weight"].shard
+                    raise CheckpointError(f"{shard}: layer {layer}: {problem}")
             set_submodule(model, layer, quantized_linear(tensors, linear.in_features, linear.out_features, cfg,
                                                          device, dtype))
             del tensors
