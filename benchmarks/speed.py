@@ -1,35 +1,48 @@
 """Prefill and decode speed, ours against transformers + bitsandbytes on the same weights.
 
     python -m benchmarks.speed --quant int8 --compare transformers
-    python -m benchmarks.speed --ckpt_dir 7B --quant nf4 --batch_sizes 1,8 --json
+    python -m benchmarks.speed --ckpt_dir 7B --quant nf4 --batch 1,8 --new_tokens 64 --json
 
-Decode tokens/s counts generated tokens only, after a warm-up, median of --runs runs, with the device
-synchronized around each run; prefill is timed separately. Achieved bandwidth is the weight bytes a
-decode step must read (every block linear, the norms and the output head; the embedding is a gather)
-times steps per second, set against a large device-to-device copy measured once.
+Both engines generate greedily from the same random prompts. Prefill is the time to the first token
+(prompt forward plus the generator's setup); decode tokens/s counts the new_tokens - 1 tokens after
+it: (generate new_tokens) - (generate 1), each a median of --runs runs after a warm-up, the device
+synchronized around each run. With --compare the two engines' runs alternate, so a machine shared
+with other work slows both alike and the ratio stays meaningful when the absolute figures do not.
+
+Achieved bandwidth is the weight bytes a decode step reads (every block linear, the norms and the
+output head; the embedding is a row lookup) times steps per second, set against one large copy.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import fire
 import torch
 
-from benchmarks.common import median_seconds, report
+from benchmarks.common import report, synchronize
 from benchmarks.reference import load_transformers, transformers_folder
 from llama_int8 import Llama
+from llama_int8.checkpoint import CheckpointError
 from llama_int8.demo import demo_gguf_path
 from llama_int8.logs import setup_logging
 from llama_int8.memory import weight_bytes
 
+log = logging.getLogger(__name__)
 
-def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes read plus bytes written per second by one large copy: the practical bandwidth ceiling."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+Generate = Callable[[int], object]  # runs one greedy generation of that many new tokens
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 29) -> float:
+    """Bytes read plus bytes written per second by one large copy (larger than any CPU cache): the
+    practical bandwidth ceiling."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), device, runs=5)
+    seconds = min(timed(lambda: dst.copy_(src), device) for _ in range(5))
     del src, dst
     return 2 * nbytes / seconds / 1e9
 
@@ -47,73 +60,107 @@ def prompt_batch(vocab_size: int, batch: int, length: int) -> list[list[int]]:
     return torch.randint(100, vocab_size - 1, (batch, length), generator=generator).tolist()
 
 
-def measure_ours(llm: Llama, batch: int, prompt_len: int, gen_tokens: int, runs: int) -> dict:
-    device = llm.model.rope_cos.device
-    prompts = prompt_batch(llm.model.args.vocab_size, batch, prompt_len)
-    tokens = torch.tensor(prompts, device=device)
-
-    def prefill() -> None:
-        with torch.inference_mode():
-            llm.model(tokens, 0, last_only=True)
-
-    def generate() -> None:
-        llm.generate(prompts, max_gen_len=gen_tokens, temperature=0, stop_ids=())
-
-    prefill_s = median_seconds(prefill, device, runs)
-    total_s = median_seconds(generate, device, runs)
-    decode_s = max(total_s - prefill_s, 1e-9)
-    return {"prefill_tok_s": batch * prompt_len / prefill_s, "decode_tok_s": batch * (gen_tokens - 1) / decode_s,
-            "decode_steps_s": (gen_tokens - 1) / decode_s}
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
-def measure_transformers(model, batch: int, prompt_len: int, gen_tokens: int, runs: int) -> dict:
-    device = model.device
-    tokens = torch.tensor(prompt_batch(model.config.vocab_size, batch, prompt_len), device=device)
+def ours_generate(llm: Llama, prompts: list[list[int]]) -> Generate:
+    def run(n: int) -> None:
+        llm.generate(prompts, max_gen_len=n, temperature=0, stop_ids=())
+    return run
+
+
+def transformers_generate(model, prompts: list[list[int]]) -> Generate:
+    tokens = torch.tensor(prompts, device=model.device)
 
     def run(n: int) -> None:
         with torch.inference_mode():
-            model.generate(tokens, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-    prefill_s = median_seconds(lambda: run(1), device, runs)
-    total_s = median_seconds(lambda: run(gen_tokens), device, runs)
-    decode_s = max(total_s - prefill_s, 1e-9)
-    return {"prefill_tok_s": batch * prompt_len / prefill_s, "decode_tok_s": batch * (gen_tokens - 1) / decode_s,
-            "decode_steps_s": (gen_tokens - 1) / decode_s}
+            model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+    return run
 
 
-def main(ckpt_dir: str | None = None, quant: str = "int8", batch_sizes: str | tuple = "1,8",
-         prompt_tokens: int = 128, gen_tokens: int = 64, runs: int = 5, device: str | None = None,
-         dtype: str | None = None, compare: str | None = None, json: bool = False) -> None:
-    """Measure prefill and decode tokens/s for each batch size; --compare transformers adds HF + bnb."""
+def measure(engines: dict[str, Generate], device: torch.device, batch: int, prompt_len: int, new_tokens: int,
+            runs: int) -> dict[str, dict]:
+    """Prefill and decode figures of each engine, their runs interleaved; median of runs after a warm-up."""
+    times: dict[str, dict[int, list[float]]] = {name: {1: [], new_tokens: []} for name in engines}
+    for name, run in engines.items():  # warm-up: allocator, kernels' first-call work, caches
+        run(new_tokens)
+    for _ in range(runs):
+        for n in (1, new_tokens):
+            for name, run in engines.items():
+                times[name][n].append(timed(lambda: run(n), device))
+    figures = {}
+    for name in engines:
+        prefill_s, total_s = (sorted(times[name][n])[runs // 2] for n in (1, new_tokens))
+        decode_s = max(total_s - prefill_s, 1e-9)
+        figures[name] = {"prefill tok/s": batch * prompt_len / prefill_s,
+                         "decode tok/s": batch * (new_tokens - 1) / decode_s,
+                         "steps/s": (new_tokens - 1) / decode_s}
+    return figures
+
+
+def build_ours(source: Path, quant: str, max_seq_len: int, max_batch: int, device: str | None,
+               dtype: str | None) -> tuple[Llama, Path]:
+    """Our engine on source; a GGUF our loader refuses is read from its HF export instead."""
+    try:
+        return Llama.build(source, max_seq_len=max_seq_len, max_batch_size=max_batch, quant=quant,
+                           device=device, dtype=dtype), source
+    except CheckpointError as e:
+        if source.suffix != ".gguf":
+            raise
+        log.warning("%s; measuring its Hugging Face export instead", e)
+        folder = transformers_folder(source)
+        return Llama.build(folder, max_seq_len=max_seq_len, max_batch_size=max_batch, quant=quant,
+                           device=device, dtype=dtype), folder
+
+
+def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tuple = "1,8",
+         prompt_tokens: int = 128, new_tokens: int = 64, runs: int = 5, device: str | None = None,
+         dtype: str | None = None, threads: int | None = None, compare: str | None = None,
+         json: bool = False) -> None:
+    """Prefill and decode tokens/s for each batch size; --compare transformers adds HF + bitsandbytes.
+
+    threads: CPU threads for both engines (torch's default when None). On a machine shared with
+    other busy processes, 1 thread avoids threads waiting on each other at every small kernel.
+    """
     setup_logging()
+    if compare not in (None, "transformers"):
+        raise ValueError(f"compare: {compare!r} is not 'transformers'")
+    if new_tokens < 2 or runs < 1:
+        raise ValueError(f"new_tokens ({new_tokens}) must be >= 2 and runs ({runs}) >= 1")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    sizes = [int(b) for b in (str(batch).split(",") if isinstance(batch, (str, int)) else batch)]
     source = Path(ckpt_dir) if ckpt_dir else demo_gguf_path()
-    sizes = [int(b) for b in (batch_sizes.split(",") if isinstance(batch_sizes, str) else batch_sizes)]
-    llm = Llama.build(source, max_seq_len=prompt_tokens + gen_tokens + 1, max_batch_size=max(sizes),
-                      quant=quant, device=device, dtype=dtype)
+    llm, source = build_ours(source, quant, prompt_tokens + new_tokens + 1, max(sizes), device, dtype)
     dev = llm.model.rope_cos.device
+    model_dtype = llm.model.tok_embeddings.weight.dtype
+    hf = load_transformers(transformers_folder(source), quant, dev, model_dtype) if compare else None
     bandwidth = copy_bandwidth_gbps(dev)
     read_bytes = decode_read_bytes(llm)
     rows = []
-    for batch in sizes:
-        ours = measure_ours(llm, batch, prompt_tokens, gen_tokens, runs)
-        achieved = read_bytes * ours["decode_steps_s"] / 1e9
-        rows.append({"engine": "llama_int8", "quant": quant, "batch": batch, "prefill tok/s": ours["prefill_tok_s"],
-                     "decode tok/s": ours["decode_tok_s"], "weights GB/s": achieved,
-                     "of bandwidth": f"{achieved / bandwidth:.1%}"})
-    model_dtype = llm.model.tok_embeddings.weight.dtype
-    del llm
+    for b in sizes:
+        prompts = prompt_batch(llm.model.args.vocab_size, b, prompt_tokens)
+        engines = {"llama_int8": ours_generate(llm, prompts)}
+        if hf is not None:
+            engines["transformers+bnb" if quant != "none" else "transformers"] = transformers_generate(hf, prompts)
+        figures = measure(engines, dev, b, prompt_tokens, new_tokens, runs)
+        ours = figures["llama_int8"]["decode tok/s"]
+        for name, fig in figures.items():
+            achieved = read_bytes * fig["steps/s"] / 1e9
+            rows.append({"engine": name, "quant": quant, "batch": b, "prefill tok/s": fig["prefill tok/s"],
+                         "decode tok/s": fig["decode tok/s"], "weights GB/s": achieved,
+                         "of bandwidth": f"{achieved / bandwidth:.0%}",
+                         "ours vs this": None if name == "llama_int8" else f"{ours / fig['decode tok/s']:.2f}x"})
+    del llm, hf
     gc.collect()
-    if compare == "transformers":
-        hf = load_transformers(transformers_folder(source), quant, dev, model_dtype)
-        for batch in sizes:
-            theirs = measure_transformers(hf, batch, prompt_tokens, gen_tokens, runs)
-            ours_row = next(r for r in rows if r["batch"] == batch and r["engine"] == "llama_int8")
-            ours_row["x transformers"] = ours_row["decode tok/s"] / theirs["decode_tok_s"]
-            rows.append({"engine": "transformers+bnb", "quant": quant, "batch": batch,
-                         "prefill tok/s": theirs["prefill_tok_s"], "decode tok/s": theirs["decode_tok_s"]})
-    elif compare is not None:
-        raise ValueError(f"compare: {compare!r} is not 'transformers'")
-    report(f"Speed: {source.name}, {prompt_tokens}-token prompt, {gen_tokens} greedy tokens", rows, json,
+    report(f"Speed: {source.name}, {quant}, {str(model_dtype).removeprefix('torch.')}, {prompt_tokens}-token "
+           f"prompt, {new_tokens} greedy tokens, {torch.get_num_threads()} CPU thread(s)", rows, json,
            {"copy_bandwidth_gbps": bandwidth, "decode_read_bytes": read_bytes})
 
 

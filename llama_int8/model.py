@@ -64,10 +64,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel, no copies
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalize in float32: half-precision sums of squares lose the small activations.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inverse_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -100,12 +100,14 @@ def rope_tables(args: ModelArgs, seq_len: int, device: torch.device | str) -> tu
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [b, s, h, d] by the angles of cos/sin [s, d/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [b, s, h, d/2, 2]
-    x0, x1 = pairs.unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [s, 1, d/2]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    """Rotate interleaved pairs of x [b, s, h, d] by the angles of cos/sin [s, d/2].
+
+    Each pair (x0, x1) is the complex number x0 + i x1 multiplied by cos + i sin: one kernel on
+    views of x, where separate real products and a stack cost several kernels and copies.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [b, s, h, d/2] complex
+    rotated = pairs * torch.complex(cos, sin)[:, None, :]  # [s, 1, d/2] broadcast over heads
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # [b, s, h, d]
 
 
 # Sliding-window convention, as Mistral and Hugging Face transformers define it (masking_utils:
