@@ -97,6 +97,16 @@ def hf_rope_theta(cfg) -> float:
     return float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run only where CUDA is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def sp_model(tmp_path_factory) -> Path:
     """A SentencePiece BPE model of 128 pieces trained on a small corpus, with <s>=1 and </s>=2."""
