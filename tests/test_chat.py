@@ -199,13 +199,15 @@ def test_chat_completion_batch_matches_streams(tmp_path, sp_model):
 # --- The demo end to end (real weights) -----------------------------------------------------------------
 
 def run_example(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "example.py"), "--quant", "none", "--temperature", "0", *args]
+    cmd = [sys.executable, str(REPO / "example.py"), "--temperature", "0", *args]
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
 @pytest.mark.slow
 def test_demo_answers_built_in_questions(smollm2_gguf):
+    """The demo as a newcomer runs it: the demo GGUF quantized to int8 on the host."""
     done = run_example("--max_gen_len", "12", "--max_seq_len", "128")
+    assert "int8" in done.stderr, done.stderr[-2000:]
     assert done.returncode == 0, done.stderr[-2000:]
     answer = done.stdout.split("What is the capital of France?", 1)[1].split("=====", 1)[0]
     assert "Paris" in answer, done.stdout
@@ -215,7 +217,7 @@ def test_demo_answers_built_in_questions(smollm2_gguf):
 def test_demo_chat_loop_drops_old_turns(smollm2_gguf):
     # max_seq_len 64 minus 16 tokens of room leaves 48: the first question (37 tokens with SmolLM2's
     # default system prompt) fits, the second with the first exchange does not, alone it does.
-    done = run_example("--chat", "--max_gen_len", "16", "--max_seq_len", "64",
+    done = run_example("--chat", "--quant", "none", "--max_gen_len", "16", "--max_seq_len", "64",
                        stdin="What is the capital of France?\nAnd of Germany?\n")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Dropped the 1 oldest exchange(s)" in done.stderr
