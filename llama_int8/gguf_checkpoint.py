@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError, NamedTensor
 from .model import ModelArgs, rope_inverse_frequencies
-from .tokenizer import END_OF_TURN_TOKENS, TokenizerError
+from .tokenizer import END_OF_TURN_TOKENS, FastTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ PRE_SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLA
 GPT2_PRE = {"default", "gpt2", "gpt-2"}
 
 
-class GGUFTokenizer:
-    """The tokenizer a GGUF describes, rebuilt with `tokenizers`; the Tokenizer protocol of tokenizer.py."""
+class GGUFTokenizer(FastTokenizer):
+    """The tokenizer a GGUF describes, rebuilt with `tokenizers`."""
 
     def __init__(self, tok, tokens: list[str], token_types: list[int], bos_id: int | None, eos_id: int | None,
                  add_bos: bool, chat_template: str | None):
@@ -188,18 +188,6 @@ class GGUFTokenizer:
         self.chat_template = chat_template
         control = {t for t, kind in zip(tokens, token_types) if kind == CONTROL}
         self.stop_ids = frozenset({eos_id} - {None} | {tok.token_to_id(t) for t in END_OF_TURN_TOKENS if t in control})
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of text; bos prepends BOS when the file says to, eos appends EOS."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        prefix = [self.bos_id] if bos and self.add_bos and self.bos_id is not None else []
-        return prefix + ids + ([self.eos_id] if eos and self.eos_id is not None else [])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
-
-    def token_id(self, piece: str) -> int | None:
-        return self.tok.token_to_id(piece)
 
     def save(self, folder: Path) -> None:
         """Write tokenizer.json and a tokenizer_config.json that HFTokenizer reads to the same ids."""

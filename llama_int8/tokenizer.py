@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import tokenizers
 
 # Special tokens that end an assistant's turn in the common chat formats; honoured as stop tokens
 # when the tokenizer marks them special.
@@ -71,14 +74,36 @@ def reject_tiktoken_file(path: Path) -> None:
                              "use the Hugging Face tokenizer.json of the same model with --tokenizer_path")
 
 
-class HFTokenizer:
+class FastTokenizer:
+    """Encoding and decoding through a `tokenizers.Tokenizer` (self.tok), with BOS/EOS ids added by
+    this class rather than by the tokenizer's post-processor; subclasses set the ids."""
+
+    tok: tokenizers.Tokenizer
+    bos_id: int | None
+    eos_id: int | None
+    add_bos: bool
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of text; bos prepends BOS when this tokenizer uses one, eos appends EOS."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        prefix = [self.bos_id] if bos and self.add_bos and self.bos_id is not None else []
+        return prefix + ids + ([self.eos_id] if eos and self.eos_id is not None else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+
+class HFTokenizer(FastTokenizer):
     """A `tokenizer.json`, with BOS/EOS and stop tokens from the configs that sit beside it."""
 
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer as FastTokenizer
+        from tokenizers import Tokenizer
 
         try:
-            self.tok = FastTokenizer.from_file(str(path))
+            self.tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception subclass for parse errors
             raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from e
         folder = path.parent
@@ -115,18 +140,6 @@ class HFTokenizer:
         special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
         stops.update(self.tok.token_to_id(t) for t in END_OF_TURN_TOKENS if t in special)
         return stops
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of text; bos prepends BOS when this tokenizer uses one, eos appends EOS."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        prefix = [self.bos_id] if bos and self.add_bos and self.bos_id is not None else []
-        return prefix + ids + ([self.eos_id] if eos and self.eos_id is not None else [])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
-
-    def token_id(self, piece: str) -> int | None:
-        return self.tok.token_to_id(piece)
 
 
 def read_chat_template(folder: Path, tok_cfg: dict) -> str | None:
