@@ -123,7 +123,11 @@ def flash_attention_usable(device: torch.device, dtype: torch.dtype) -> bool:
 def choose_attention_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The requested backend, or flash-attn where usable and SDPA otherwise."""
     if requested is None:
-        return "flash" if flash_attention_usable(device, dtype) else "sdpa"
+        if flash_attention_usable(device, dtype):
+            return "flash"
+        if device.type == "cuda":
+            log.info("flash-attn is not installed or not usable with this GPU and dtype: using PyTorch SDPA")
+        return "sdpa"
     if requested == "flash" and not flash_attention_usable(device, dtype):
         raise ValueError("attention='flash' needs the flash_attn package, a CUDA GPU of compute capability "
                          f">= 8.0 and float16/bfloat16 (got {device}, {dtype})")

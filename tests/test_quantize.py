@@ -398,3 +398,18 @@ def test_peak_host_memory_of_int8_load_is_footprint_plus_small_transient(synthet
                f"source {source_bytes / mib:.0f} MiB")
     assert transient < HOSTMEM_TRANSIENT_BOUND, message
     assert transient < 0.3 * source_bytes, message
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_bfloat16_quantized_model_stays_finite_on_real_weights(smollm2_hf, quant):
+    """LLM.int8() casts activations to float16 inside a bfloat16 model: nothing may overflow to inf/NaN,
+    and the answer to a plain question must survive."""
+    from llama_int8 import Llama
+
+    llm = Llama.build(smollm2_hf, quant=quant, device="cpu", dtype=torch.bfloat16, max_seq_len=256)
+    text = " ".join(GREEDY_PROMPTS) * 6
+    tokens = torch.tensor([llm.tokenizer.encode(text, bos=True, eos=False)[:200]])
+    with torch.inference_mode():
+        assert torch.isfinite(llm.model(tokens, 0)).all()
+    answer = llm.text_completion(["The capital of France is"], temperature=0, max_gen_len=4)[0]["generation"]
+    assert "Paris" in answer
