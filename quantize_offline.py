@@ -4,6 +4,7 @@
     python quantize_offline.py --ckpt_dir 13B --out_dir 13B-nf4 --quant nf4-dq
     python example.py --ckpt_dir 13B-int8
     python quantize_offline.py --ckpt_dir '[13B,13B-lora-adapter]' --out_dir 13B-tuned-int8
+    python quantize_offline.py --ckpt_dir model.Q8_0.gguf --out_dir model-nf4 --quant nf4
 
 Writes safetensors shards of the quantized weights, a manifest (format version, quant settings, model
 config, source checkpoint, tool version) and a copy of the tokenizer, into a temporary folder renamed
@@ -27,7 +28,7 @@ def main(ckpt_dir: str | list[str], out_dir: str, quant: str = "int8", int8_thre
          blocksize: int | None = None, quantize_head: bool = False, tokenizer_path: str | None = None,
          force: bool = False, shard_size_gb: float = SHARD_BYTES / 1024**3,
          delta: str | list[str] | None = None) -> None:
-    """Quantize ckpt_dir (Meta or Hugging Face) to out_dir; quant: int8, nf4, nf4-dq, fp4 or fp4-dq.
+    """Quantize ckpt_dir (Meta, Hugging Face or GGUF) to out_dir; quant: int8, nf4, nf4-dq, fp4 or fp4-dq.
 
     ckpt_dir may list a base and overlays ('[base,finetune,lora-adapter]'), delta folders to add to it:
     they are merged tensor by tensor before quantizing (llama_int8/overlays.py)."""
