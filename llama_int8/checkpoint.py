@@ -248,6 +248,11 @@ class Checkpoint:
     format: str  # "meta" | "hf" | "gguf" (gguf_checkpoint) | "prebaked" (read by prebaked.load_prebaked)
     args: ModelArgs
 
+    @property
+    def location(self) -> Path:
+        """What to call this checkpoint in messages: its folder (a file for single-file formats)."""
+        return self.folder
+
     def tensors(self) -> Iterator[NamedTensor]:
         reader = {"meta": read_meta_tensors, "hf": read_hf_tensors}[self.format]
         return reader(self.folder, self.args)

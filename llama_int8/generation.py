@@ -41,7 +41,7 @@ class Llama:
               attention: str | None = None, int8_threshold: float | None = None, blocksize: int | None = None,
               quantize_head: bool = False, delta: str | Path | list[str | Path] | None = None,
               sliding_window: int | None = None, prefill_chunk: int | None = None) -> Llama:
-        """Load a checkpoint folder (Meta, Hugging Face or pre-baked) and its tokenizer, ready to generate.
+        """Load a checkpoint (Meta, Hugging Face, GGUF or pre-baked) and its tokenizer, ready to generate.
 
         ckpt_dir may list several folders: a base, then overlays (partial checkpoints whose tensors
         replace the base's, PEFT LoRA adapters) merged in order before quantizing; delta lists
@@ -88,7 +88,7 @@ class Llama:
         model.setup_caches(max_batch_size, max_seq_len, dtype, device, prefill_chunk)
         model.eval()
         log.info("Loaded %s checkpoint %s in %.1f s (%s, %s, %s, %s attention): %s", checkpoint.format,
-                 checkpoint.folder, time.perf_counter() - start, cfg.name, device, str(dtype).removeprefix("torch."),
+                 checkpoint.location, time.perf_counter() - start, cfg.name, device, str(dtype).removeprefix("torch."),
                  backend, describe_memory(model, device))
         return Llama(model, tokenizer)
 

@@ -45,6 +45,10 @@ class GGUFCheckpoint(Checkpoint):
     path: Path
     reader: Any = field(repr=False)  # gguf.GGUFReader, memory-mapped
 
+    @property
+    def location(self) -> Path:
+        return self.path
+
     def tensors(self) -> Iterator[NamedTensor]:
         return read_gguf_tensors(self.reader, self.path)
 
