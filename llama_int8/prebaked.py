@@ -34,8 +34,9 @@ from .checkpoint import Checkpoint, CheckpointError, NamedTensor, open_safetenso
 from .loader import checked_tensors, empty_model, fill_model, set_submodule
 from .model import ModelArgs, Transformer
 from .overlays import CheckpointStack
-from .quantize import (BITSANDBYTES_VERSION, QuantConfig, check_packed_quant_state, expected_quantized_tensors,
-                       quantize_weight, quantized_layer_names, quantized_linear)
+from .quantize import (BITSANDBYTES_VERSION, QuantConfig, SharedActivation, check_packed_quant_state,
+                       expected_quantized_tensors, quantize_weight, quantized_layer_names, quantized_linear,
+                       share_activation)
 from .tokenizer import find_tokenizer_file
 
 log = logging.getLogger(__name__)
@@ -353,6 +354,7 @@ def load_prebaked(model: Transformer, folder: str | Path, device: torch.device, 
     manifest = read_manifest(folder)
     cfg = manifest.quant if int8_threshold is None else replace(manifest.quant, int8_threshold=float(int8_threshold))
     by_layer = tensors_by_layer(manifest)
+    shared: dict[str, SharedActivation] = {}  # see quantize.share_activation
     with ExitStack() as stack:
         handles = {s: stack.enter_context(open_safetensors(manifest.folder / s)) for s in manifest.shards}
 
@@ -370,8 +372,9 @@ def load_prebaked(model: Transformer, folder: str | Path, device: torch.device, 
                 if problem:
                     shard = manifest.folder / manifest.tensors[f"{layer}.weight"].shard
                     raise CheckpointError(f"{shard}: layer {layer}: {problem}")
-            set_submodule(model, layer, quantized_linear(tensors, linear.in_features, linear.out_features, cfg,
-                                                         device, dtype))
+            quantized = quantized_linear(tensors, linear.in_features, linear.out_features, cfg, device, dtype)
+            share_activation(layer, quantized, shared)
+            set_submodule(model, layer, quantized)
             del tensors
         fill_model(model, (read(name) for name in by_layer.get(None, [])), device, dtype)
     return cfg

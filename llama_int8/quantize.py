@@ -269,33 +269,85 @@ def takes_fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
     return not layer.training and not x.requires_grad and layer.bias is None
 
 
-def int8_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Linear8bitLt's eval forward, x [..., in] -> [..., out] in x's dtype: LLM.int8() exactly as
-    bitsandbytes computes it on the CPU (row-wise int8 activations from float16, int32 products,
-    outlier columns >= threshold in x's dtype against their dequantized weight columns)."""
-    if not takes_fast_path(layer, x):
-        return type(layer).forward(layer, x)
-    cb = layer.weight.data  # [out, in] int8
-    scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB  # [out] float32
-    a = x.reshape(-1, x.shape[-1])  # [rows, in]
+@dataclass(frozen=True)
+class Int8Activation:
+    """An activation [rows, in] as LLM.int8() quantizes it for a matmul."""
+
+    ca: torch.Tensor  # [rows, in] int8, outlier columns zeroed when rows > 1
+    row_stats: torch.Tensor  # [rows, 1] float32: max |x| per row (outliers excluded), in float16 precision
+    cols: torch.Tensor | None  # outlier columns (int64), or None when there are none
+
+
+def quantize_activation(a: torch.Tensor, threshold: float) -> Int8Activation:
+    """bitsandbytes' int8_vectorwise_quant of a [rows, in] (cast to float16 first, as it does)."""
     a16 = a.to(torch.float16)
     magnitudes = a16.abs()
     row_stats = magnitudes.amax(1, keepdim=True).float()  # [rows, 1]
     cols = None
-    threshold = layer.state.threshold
-    # Outliers are rare: the row maxima tell whether there are any (a host read of host tensors).
-    if threshold > 0 and bool((row_stats >= threshold).any()):
+    # Outliers are rare: the largest row maximum tells whether there are any (a host read of a host tensor).
+    if threshold > 0 and row_stats.max().item() >= threshold:
         outliers = magnitudes >= threshold
         cols = outliers.any(0).nonzero().view(-1)
         a16 = a16.masked_fill(outliers, 0)
         row_stats = a16.abs().amax(1, keepdim=True).float()
-    ca = (a16 * (127.0 / row_stats)).round_().to(torch.int8)
+    # bitsandbytes' a16 * (127.0 / row_stats), which Python runs as reciprocal() * 127.0: the same two
+    # kernels without the operator's wrapper.
+    ca = (a16 * row_stats.reciprocal().mul_(127.0)).round_().to(torch.int8)
     if cols is not None and a.shape[0] > 1:
         ca[:, cols] = 0
-    out = (torch._int_mm(ca, cb.t()) * (row_stats * scb) * INT8_PRODUCT_SCALE).to(x.dtype)  # [rows, out]
-    if cols is not None:
-        outlier_weights = (cb[:, cols] * scb.unsqueeze(1) * INT8_WEIGHT_SCALE).to(x.dtype)  # [out, n_cols]
-        out = out.addmm(a[:, cols], outlier_weights.t())
+    return Int8Activation(ca, row_stats, cols)
+
+
+class SharedActivation:
+    """The quantized form of the last input given to a group of int8 layers that read the same tensor
+    (a block's wq, wk, wv; its w1, w3), so that it is quantized once rather than once per layer.
+
+    A layer reuses it only when its input is the very tensor object quantized last (`x is self.x`).
+    Holding a reference to that tensor keeps its address from being reused by a new one; the model
+    does not modify a normed input in place between the calls that read it. After `consumers` reads
+    of the same input the memo lets go of it, so no activation outlives the block's forward.
+    """
+
+    def __init__(self, consumers: int):
+        self.consumers = consumers
+        self.x: torch.Tensor | None = None
+        self.value: Int8Activation | None = None
+        self.reads = 0
+
+    def quantized(self, x: torch.Tensor, a: torch.Tensor, threshold: float) -> Int8Activation:
+        """x quantized (a is x as [rows, in]), computed on its first read and reused after."""
+        if x is not self.x or self.value is None:
+            self.x, self.value, self.reads = x, quantize_activation(a, threshold), 0
+        value = self.value
+        self.reads += 1
+        if self.reads >= self.consumers:
+            self.x, self.value = None, None
+        return value
+
+
+def int8_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Linear8bitLt's eval forward, x [..., in] -> [..., out] in x's dtype: LLM.int8() exactly as
+    bitsandbytes computes it on the CPU (row-wise int8 activations from float16, int32 products,
+    outlier columns >= threshold in x's dtype against their dequantized weight columns).
+
+    A layer given a SharedActivation (`layer.shared_activation`, set by make_linear_hook) takes the
+    quantized input from it."""
+    if not takes_fast_path(layer, x):
+        return type(layer).forward(layer, x)
+    weight = layer.weight
+    cb = weight.data  # [out, in] int8
+    scb = weight.SCB if weight.SCB is not None else layer.state.SCB  # [out] float32
+    a = x.reshape(-1, x.shape[-1])  # [rows, in]
+    shared = layer.__dict__.get("shared_activation")  # a plain attribute, when there is one
+    threshold = layer.state.threshold
+    q = quantize_activation(a, threshold) if shared is None else shared.quantized(x, a, threshold)
+    # (int32 products * (row scale * column scale)) * constant, bitsandbytes' order; in place after the first.
+    out = torch._int_mm(q.ca, cb.t()).mul(q.row_stats * scb).mul_(INT8_PRODUCT_SCALE)  # [rows, out] float32
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    if q.cols is not None:
+        outlier_weights = (cb[:, q.cols] * scb.unsqueeze(1) * INT8_WEIGHT_SCALE).to(x.dtype)  # [out, n_cols]
+        out = out.addmm(a[:, q.cols], outlier_weights.t())
     return out.view(*x.shape[:-1], cb.shape[0])
 
 
@@ -330,12 +382,40 @@ def make_linear_hook(cfg: QuantConfig, device: torch.device | str, dtype: torch.
     if not cfg.enabled:
         return None
 
+    shared: dict[str, SharedActivation] = {}
+
     def hook(name: str, module: nn.Linear, weight: torch.Tensor) -> nn.Module | None:
         if name == "output.weight" and not cfg.quantize_head:
             return None
-        return quantize_linear_on_host(weight, cfg, device, dtype)
+        layer = quantize_linear_on_host(weight, cfg, device, dtype)
+        share_activation(name, layer, shared)
+        return layer
 
     return hook
+
+
+# Layers of a block that the model calls on the same input tensor, one after another.
+SHARED_INPUT_GROUPS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
+
+
+def share_activation(name: str, layer: nn.Module, shared: dict[str, SharedActivation]) -> None:
+    """Give the lean int8 layer at module path name (`.weight` optional) its group's SharedActivation,
+    made on the group's first layer and kept in shared (one dict per model); other layers are left as
+    they are."""
+    group = shared_input_group(name)
+    if group is not None and getattr(layer.forward, "__func__", None) is int8_forward_cpu:
+        key, consumers = group
+        layer.shared_activation = shared.setdefault(key, SharedActivation(consumers))
+
+
+def shared_input_group(name: str) -> tuple[str, int] | None:
+    """For a block linear weight `layers.N.<part>.<w>.weight` that shares its input with others, the
+    group's key (`layers.N.<part>`) and its number of layers; else None."""
+    path, _, leaf = name.removesuffix(".weight").rpartition(".")
+    members = SHARED_INPUT_GROUPS.get(path.rpartition(".")[2])
+    if not path.startswith("layers.") or members is None or leaf not in members:
+        return None
+    return path, len(members)
 
 
 def quantized_layer_names(n_layers: int, quantize_head: bool) -> list[str]:
