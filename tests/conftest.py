@@ -36,6 +36,22 @@ def tiny_hf_model(seed: int = 0, **overrides):
     return model.float().eval()
 
 
+def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Greedy continuation by full recomputation at every step: no cache to disagree with."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Within 1e-4 relative to the largest logit, elementwise."""
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * scale)
+
+
 def write_hf_folder(model, folder: Path, sharded: bool = False, tokenizer: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, max_shard_size="20KB" if sharded else "10GB")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_hf_model, write_hf_folder
+from conftest import assert_logits_close, hf_greedy, tiny_hf_model, write_hf_folder
 from llama_int8 import Llama
 from llama_int8.model import (KVCache, ModelArgs, RollingKVCache, Transformer, attend, attention_mask,
                               kv_cache_bytes)
@@ -16,22 +16,6 @@ from llama_int8.model import (KVCache, ModelArgs, RollingKVCache, Transformer, a
 WINDOW = 8
 PROMPT_LEN = 40  # five windows
 GREEDY_STEPS = 48
-
-
-def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    """Within 1e-4 relative to the largest logit, elementwise."""
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * scale)
-
-
-def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
-    """Greedy continuation by full recomputation at every step: no cache to disagree with."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(steps):
-            nxt = model(ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
 
 
 def random_tokens(rows: int, length: int, seed: int = 1) -> torch.Tensor:

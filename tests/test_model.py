@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_hf_model, write_hf_folder, write_meta_folder
+from conftest import assert_logits_close, hf_greedy, tiny_hf_model, write_hf_folder, write_meta_folder
 from llama_int8 import Llama
 
 CONFIGS = {
@@ -23,22 +23,6 @@ def write_layout(model, layout: str, folder, tokenizer):
     if layout.startswith("hf"):
         return write_hf_folder(model, folder, sharded=layout == "hf-sharded", tokenizer=tokenizer)
     return write_meta_folder(model, folder, n_shards=int(layout.split("-")[1]), tokenizer=tokenizer)
-
-
-def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
-    """Greedy continuation by full recomputation at every step: no cache to disagree with."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(steps):
-            nxt = model(ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
-
-
-def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    """Within 1e-4 relative to the largest logit, elementwise."""
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
