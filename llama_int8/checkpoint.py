@@ -200,13 +200,20 @@ def unpermute_rotary_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch
     return w.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def hf_to_meta_name(key: str) -> str | None:
-    if key in HF_TOP_NAMES:
-        return HF_TOP_NAMES[key]
-    m = HF_LAYER_KEY.fullmatch(key)
-    if m and m.group(2) in HF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}.weight"
+def to_meta_name(key: str, top_names: dict[str, str], layer_key: re.Pattern, layer_names: dict[str, str]
+                 ) -> str | None:
+    """Meta's name for a tensor of another naming scheme (None for a name it does not know):
+    top_names maps whole names; layer_key matches a block tensor as (layer index, part)."""
+    if key in top_names:
+        return top_names[key]
+    m = layer_key.fullmatch(key)
+    if m and m.group(2) in layer_names:
+        return f"layers.{m.group(1)}.{layer_names[m.group(2)]}.weight"
     return None
+
+
+def hf_to_meta_name(key: str) -> str | None:
+    return to_meta_name(key, HF_TOP_NAMES, HF_LAYER_KEY, HF_LAYER_NAMES)
 
 
 def open_safetensors(path: Path):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, NamedTensor
+from .checkpoint import Checkpoint, CheckpointError, NamedTensor, to_meta_name
 from .model import ModelArgs, rope_inverse_frequencies
 from .tokenizer import END_OF_TURN_TOKENS, FastTokenizer, TokenizerError
 
@@ -139,12 +139,7 @@ def with_llama3_rope(args: ModelArgs, divisors: torch.Tensor, path: Path) -> Mod
 
 
 def gguf_to_meta_name(name: str) -> str | None:
-    if name in GGUF_TOP_NAMES:
-        return GGUF_TOP_NAMES[name]
-    m = GGUF_LAYER_KEY.fullmatch(name)
-    if m and m.group(2) in GGUF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.weight"
-    return None
+    return to_meta_name(name, GGUF_TOP_NAMES, GGUF_LAYER_KEY, GGUF_LAYER_NAMES)
 
 
 def read_gguf_tensors(reader, path: Path) -> Iterator[NamedTensor]:
