@@ -76,7 +76,7 @@ def measure_length(llm: Llama, length: int, depths: list[float], rng: random.Ran
                    prefill_chunk: int | None) -> dict:
     """One row of the grid: a hit or miss per depth, and what this length cost in memory."""
     model = llm.model
-    device = model.rope_cos.device
+    device = model.device
     sentences = filler_sentences()
     budget = length - len(needle_prompt(llm, NEEDLE.format(code="00000")))  # tokens left for the filler
     prompts, codes = [], []

@@ -42,7 +42,7 @@ def negative_log_likelihood(logits: torch.Tensor, ids: torch.Tensor) -> tuple[fl
 
 @torch.inference_mode()
 def perplexity_ours(llm: Llama, tokens: list[int], window: int) -> float:
-    device = llm.model.rope_cos.device
+    device = llm.model.device
     total, count = 0.0, 0
     for ids in windows(tokens, window):
         nll, n = negative_log_likelihood(llm.model(ids.to(device), 0), ids)
@@ -84,7 +84,7 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
         llm = Llama.build(source, max_seq_len=window, quant=mode, device=device, dtype=dtype)
         tokens = llm.tokenizer.encode(text, bos=True, eos=False)
         model_dtype = llm.model.tok_embeddings.weight.dtype
-        dev = llm.model.rope_cos.device
+        dev = llm.model.device
         rows.append({"engine": "llama_int8", "quant": mode, "perplexity": perplexity_ours(llm, tokens, window),
                      "weights MiB": weight_bytes(llm.model) / 2**20})
         del llm

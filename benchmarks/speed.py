@@ -138,7 +138,7 @@ def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tu
     sizes = [int(b) for b in (str(batch).split(",") if isinstance(batch, (str, int)) else batch)]
     source = Path(ckpt_dir) if ckpt_dir else demo_gguf_path()
     llm, source = build_ours(source, quant, prompt_tokens + new_tokens + 1, max(sizes), device, dtype)
-    dev = llm.model.rope_cos.device
+    dev = llm.model.device
     model_dtype = llm.model.tok_embeddings.weight.dtype
     hf = load_transformers(transformers_folder(source), quant, dev, model_dtype) if compare else None
     bandwidth = copy_bandwidth_gbps(dev)

@@ -107,7 +107,7 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = model.max_seq_len - 1
         total_len = min(model.max_seq_len, max_gen_len + max_prompt)
-        device = model.rope_cos.device
+        device = model.device
         tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
         is_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)
         for i, t in enumerate(prompt_tokens):

@@ -31,7 +31,9 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def rope_bytes(model: nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name.startswith("rope_"))
+    """The rotary table, a buffer derived from the configuration rather than a weight."""
+    rope = model.get_buffer("rope")
+    return 0 if rope.device.type == "meta" else rope.numel() * rope.element_size()
 
 
 def peak_host_rss_bytes() -> int:

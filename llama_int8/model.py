@@ -92,21 +92,21 @@ def rope_inverse_frequencies(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
 
 
-def rope_tables(args: ModelArgs, seq_len: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each [seq_len, head_dim // 2] float32."""
+def rope_tables(args: ModelArgs, seq_len: int, device: torch.device | str) -> torch.Tensor:
+    """The rotation of every position and pair, cos + i sin of its angle: complex64 [seq_len, head_dim // 2]."""
     inv_freq = rope_inverse_frequencies(args).to(device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [b, s, h, d] by the angles of cos/sin [s, d/2].
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [b, s, h, d] by rotation [s, d/2] (complex, from rope_tables).
 
     Each pair (x0, x1) is the complex number x0 + i x1 multiplied by cos + i sin: one kernel on
     views of x, where separate real products and a stack cost several kernels and copies.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [b, s, h, d/2] complex
-    rotated = pairs * torch.complex(cos, sin)[:, None, :]  # [s, 1, d/2] broadcast over heads
+    rotated = pairs * rotation[:, None, :]  # [s, 1, d/2] broadcast over heads
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # [b, s, h, d]
 
 
@@ -268,12 +268,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: KVCache | RollingKVCache | None = None
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int, rotation: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
         keys, values = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), start_pos)  # [b, kv_h, t, d]
         out = attend(q, keys, values, self.window, self.backend)  # [b, s, h, d]
         return self.wo(out.reshape(b, s, -1))
@@ -300,8 +300,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin)
+    def forward(self, x: torch.Tensor, start_pos: int, rotation: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, rotation)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -338,9 +338,12 @@ class Transformer(nn.Module):
             # Below max_seq_len positions the window never bites: a plain cache is the same thing.
             cache = RollingKVCache if slots < max_seq_len else KVCache
             layer.attention.cache = cache(max_batch_size, a.n_kv_heads, slots, a.head_dim, dtype, device)
-        cos, sin = rope_tables(a, max_seq_len, device)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope", rope_tables(a, max_seq_len, device), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the caches (and so the activations) live; set by setup_caches."""
+        return self.rope.device
 
     def cache_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for layer in self.layers for b in layer.attention.cache.buffers())
@@ -370,8 +373,7 @@ class Transformer(nn.Module):
         """Hidden states [b, s, dim] after the last block, for tokens [b, s] at start_pos onwards."""
         s = tokens.shape[1]
         h = self.tok_embeddings(tokens)
-        cos = self.rope_cos[start_pos:start_pos + s]
-        sin = self.rope_sin[start_pos:start_pos + s]
+        rotation = self.rope[start_pos:start_pos + s]
         for layer in self.layers:
-            h = layer(h, start_pos, cos, sin)
+            h = layer(h, start_pos, rotation)
         return h
