@@ -113,8 +113,9 @@ class Llama:
         for i, t in enumerate(prompt_tokens):
             tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long, device=device)
             is_prompt[i, :len(t)] = True
-        seen = torch.zeros((bsz, model.args.vocab_size), dtype=torch.bool, device=device)
+        seen = None  # tokens each sequence holds so far: only the repetition penalty reads it
         if repetition_penalty != 1.0:
+            seen = torch.zeros((bsz, model.args.vocab_size), dtype=torch.bool, device=device)
             for i, t in enumerate(prompt_tokens):
                 seen[i, t] = True
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -129,7 +130,8 @@ class Llama:
             forced = is_prompt[:, cur_pos]
             nxt = torch.where(forced, tokens[:, cur_pos], sampled)
             tokens[:, cur_pos] = nxt
-            seen[torch.arange(bsz, device=device), nxt] = True
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
             emitted = ~forced & ~done
             yield [int(t) if e else None for t, e in zip(nxt.tolist(), emitted.tolist())]
             n_generated += emitted

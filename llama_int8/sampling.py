@@ -26,9 +26,10 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, repetition_penalty: float,
-                seen: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+                seen: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
     """The next token of each sequence, [batch], from last-position logits [batch, vocab]."""
-    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)

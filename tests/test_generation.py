@@ -94,3 +94,14 @@ def test_empty_prompt_is_refused(tiny_llm):
 def test_forward_beyond_the_cache_is_refused(tiny_llm):
     with pytest.raises(ValueError, match="exceed the cache"):
         tiny_llm.model(torch.ones(1, 10, dtype=torch.long), 90)
+
+
+def test_repetition_penalty_steers_greedy_decoding(tiny_llm):
+    """With a prohibitive penalty, greedy decoding on this tiny model stops repeating what it has seen."""
+    prompt = [[1, 30, 31, 32]]
+    free = tiny_llm.generate(prompt, max_gen_len=24, temperature=0, stop_ids=())[0]
+    assert len(set(free)) < len(free)  # left alone, it repeats itself
+    penalized = tiny_llm.generate(prompt, max_gen_len=24, temperature=0, repetition_penalty=1e4, stop_ids=())[0]
+    history = prompt[0] + penalized
+    repeats = sum(t in history[:i] for i, t in enumerate(history) if i >= len(prompt[0]))
+    assert repeats < len(free) - len(set(free))
