@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .model import ModelArgs
+from .tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,10 @@ class Checkpoint:
     def tensors(self) -> Iterator[NamedTensor]:
         reader = {"meta": read_meta_tensors, "hf": read_hf_tensors}[self.format]
         return reader(self.folder, self.args)
+
+    def tokenizer(self, tokenizer_path: str | Path | None = None) -> Tokenizer:
+        """The given tokenizer, else the one found with the checkpoint (see find_tokenizer_file)."""
+        return load_tokenizer(find_tokenizer_file(self.folder, tokenizer_path))
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

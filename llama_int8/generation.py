@@ -20,7 +20,7 @@ from .model import Transformer
 from .prebaked import load_prebaked
 from .quantize import make_linear_hook, parse_quant_mode
 from .sampling import next_tokens
-from .tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,7 @@ class Llama:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size ({max_batch_size}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
         checkpoint = open_stack(ckpt_dir, delta)
-        if checkpoint.format == "gguf" and tokenizer_path is None:
-            tokenizer = checkpoint.tokenizer()  # rebuilt from the GGUF's own vocabulary
-        else:
-            tokenizer = load_tokenizer(find_tokenizer_file(checkpoint.folder, tokenizer_path))
+        tokenizer = checkpoint.tokenizer(tokenizer_path)
         device = torch.device(device) if device is not None else default_device()
         dtype = resolve_dtype(dtype, device)
         backend = choose_attention_backend(attention, device, dtype)

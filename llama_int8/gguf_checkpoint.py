@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError, NamedTensor, to_meta_name
 from .model import ModelArgs, rope_inverse_frequencies
-from .tokenizer import END_OF_TURN_TOKENS, FastTokenizer, TokenizerError
+from .tokenizer import END_OF_TURN_TOKENS, FastTokenizer, Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,10 @@ class GGUFCheckpoint(Checkpoint):
     def tensors(self) -> Iterator[NamedTensor]:
         return read_gguf_tensors(self.reader, self.path)
 
-    def tokenizer(self) -> GGUFTokenizer:
+    def tokenizer(self, tokenizer_path: str | Path | None = None) -> Tokenizer:
+        """The given tokenizer, else the one rebuilt from the file's own vocabulary."""
+        if tokenizer_path is not None:
+            return super().tokenizer(tokenizer_path)
         return gguf_tokenizer(self.reader, self.path)
 
 
