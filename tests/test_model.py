@@ -7,6 +7,7 @@ import torch
 
 from conftest import assert_logits_close, hf_greedy, tiny_hf_model, write_hf_folder, write_meta_folder
 from llama_int8 import Llama
+from llama_int8.model import ONEDNN_LINEAR, Linear
 
 CONFIGS = {
     "mha": dict(num_key_value_heads=4),
@@ -102,3 +103,22 @@ def test_flash_refused_where_unusable(tmp_path, sp_model):
     folder = write_hf_folder(tiny_hf_model(), tmp_path / "m", tokenizer=sp_model)
     with pytest.raises(ValueError, match="flash"):
         Llama.build(folder, quant="none", dtype="float32", device="cpu", attention="flash")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 5, 96), (7, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_nn_linear(shape, bias):
+    """The model's Linear takes oneDNN's kernel for float32 CPU inference: the same products, summed
+    in another order, so equal to nn.Linear within float32 rounding; with gradients it is nn.Linear."""
+    torch.manual_seed(0)
+    layer = Linear(96, 200, bias=bias)
+    x = torch.randn(shape)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = layer(x)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    took_onednn = any(e.key == "mkldnn::_linear_pointwise" for e in prof.key_averages())
+    assert took_onednn == ONEDNN_LINEAR
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None

@@ -23,7 +23,7 @@ from llama_int8 import quantize
 from llama_int8.checkpoint import NamedTensor
 from llama_int8.loader import empty_model, fill_model
 from llama_int8.memory import weight_bytes
-from llama_int8.model import ModelArgs
+from llama_int8.model import Linear, ModelArgs
 from llama_int8.quantize import (QUANT_MODES, QuantConfig, expected_quantized_tensors, make_linear_hook,
                                  parse_quant_mode, quantize_linear_on_host, quantize_weight, quantized_layer_names,
                                  quantized_linear, quantized_weight_bytes)
@@ -297,7 +297,7 @@ def test_hook_quantizes_every_block_linear_and_keeps_the_head_16_bit(mode):
     for name, module in model.named_modules():
         if name in quantized:
             assert type(module).__name__ == ("Linear8bitLt" if mode == "int8" else "Linear4bit"), name
-    assert type(model.output) is torch.nn.Linear and model.output.weight.dtype == torch.bfloat16
+    assert type(model.output) is Linear and model.output.weight.dtype == torch.bfloat16
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     assert make_linear_hook(parse_quant_mode("none"), "cpu", torch.float32) is None
 
