@@ -1,19 +1,23 @@
-"""Perplexity of a text under each quantization mode: what each mode costs in quality.
+"""Perplexity of texts under each quantization mode: what each mode costs in quality.
 
     python -m benchmarks.perplexity --ckpt_dir D --quant nf4 --text_file F
     python -m benchmarks.perplexity --quant none,int8,nf4,nf4-dq,fp4,fp4-dq --compare transformers
 
-The text is tokenized once (BOS first when the tokenizer uses one) and scored in consecutive windows
-of --window tokens, each a fresh forward pass; perplexity is exp(mean negative log-likelihood of
-every token after the first of its window). With --compare transformers, Hugging Face transformers
-+ bitsandbytes scores the same token ids with the same weights (an HF folder, or a GGUF exported to
-one). With one mode, the last line printed is `perplexity: X`.
+Each text is tokenized once (BOS first when the tokenizer uses one) and scored in consecutive
+windows of --window tokens, each a fresh forward pass; perplexity is exp(mean negative
+log-likelihood of every token after the first of its window). Several texts (comma-separated; by
+default the two under benchmarks/data, about 2000 tokens) are reported one by one and pooled, the
+mean taken over all their tokens: a mode's cost measured on one short text moves by a few tenths of
+a percent with the text. With --compare transformers, Hugging Face transformers + bitsandbytes
+scores the same token ids with the same weights (an HF folder, or a GGUF exported to one). With one
+mode, the last line printed is `perplexity: X`, pooled over the texts.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import fire
@@ -25,7 +29,8 @@ from llama_int8 import Llama
 from llama_int8.logs import setup_logging
 from llama_int8.memory import weight_bytes
 
-DEFAULT_TEXT = Path(__file__).with_name("data") / "lighthouses.txt"
+DATA = Path(__file__).with_name("data")
+DEFAULT_TEXTS = f"{DATA / 'lighthouses.txt'},{DATA / 'bread.txt'}"
 
 
 def windows(tokens: list[int], window: int) -> list[torch.Tensor]:
@@ -40,33 +45,40 @@ def negative_log_likelihood(logits: torch.Tensor, ids: torch.Tensor) -> tuple[fl
     return float(nll), ids.shape[1] - 1
 
 
-@torch.inference_mode()
-def perplexity_ours(llm: Llama, tokens: list[int], window: int) -> float:
-    device = llm.model.device
-    total, count = 0.0, 0
-    for ids in windows(tokens, window):
-        nll, n = negative_log_likelihood(llm.model(ids.to(device), 0), ids)
-        total, count = total + nll, count + n
-    return math.exp(total / count)
+Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids [1, s] -> logits [1, s, vocab]
 
 
 @torch.inference_mode()
-def perplexity_transformers(model, tokens: list[int], window: int) -> float:
-    total, count = 0.0, 0
-    for ids in windows(tokens, window):
-        nll, n = negative_log_likelihood(model(ids.to(model.device)).logits, ids)
-        total, count = total + nll, count + n
-    return math.exp(total / count)
+def score(logits: Logits, texts: dict[str, list[int]], window: int) -> dict[str, float]:
+    """Perplexity of each text's tokens, and of all of them pooled (key "all")."""
+    per_text, total, count = {}, 0.0, 0
+    for name, tokens in texts.items():
+        text_nll, text_count = 0.0, 0
+        for ids in windows(tokens, window):
+            nll, n = negative_log_likelihood(logits(ids), ids)
+            text_nll, text_count = text_nll + nll, text_count + n
+        per_text[name] = math.exp(text_nll / text_count)
+        total, count = total + text_nll, count + text_count
+    return {**per_text, "all": math.exp(total / count)}
+
+
+def ours_logits(llm: Llama) -> Logits:
+    return lambda ids: llm.model(ids.to(llm.model.device), 0)
+
+
+def transformers_logits(model) -> Logits:
+    return lambda ids: model(ids.to(model.device)).logits
 
 
 def transformers_weight_bytes(model) -> int:
     return model.get_memory_footprint()
 
 
-def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: str = str(DEFAULT_TEXT),
+def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: str | tuple = DEFAULT_TEXTS,
          window: int = 1024, device: str | None = None, dtype: str | None = None, compare: str | None = None,
          json: bool = False) -> None:
-    """Perplexity of text_file for each mode in quant (comma-separated); --compare transformers adds HF + bnb."""
+    """Perplexity of the texts in text_file (comma-separated) for each mode in quant (comma-separated);
+    --compare transformers adds HF + bitsandbytes."""
     setup_logging()
     if compare not in (None, "transformers"):
         raise ValueError(f"compare: {compare!r} is not 'transformers'")
@@ -76,16 +88,19 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
         source = demo_gguf_path()
     else:
         source = Path(ckpt_dir)
-    modes = quant.split(",") if isinstance(quant, str) else list(quant)
-    text = Path(text_file).read_text()
+    modes = comma_list(quant)
+    paths = [Path(p) for p in comma_list(text_file)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"text_file: no such file: {', '.join(missing)}")
     rows = []
-    tokens: list[int] = []
+    texts: dict[str, list[int]] = {}
     for mode in modes:
         llm = Llama.build(source, max_seq_len=window, quant=mode, device=device, dtype=dtype)
-        tokens = llm.tokenizer.encode(text, bos=True, eos=False)
+        texts = {p.name: llm.tokenizer.encode(p.read_text(), bos=True, eos=False) for p in paths}
         model_dtype = llm.model.tok_embeddings.weight.dtype
         dev = llm.model.device
-        rows.append({"engine": "llama_int8", "quant": mode, "perplexity": perplexity_ours(llm, tokens, window),
+        rows.append({"engine": "llama_int8", "quant": mode, **score(ours_logits(llm), texts, window),
                      "weights MiB": weight_bytes(llm.model) / 2**20})
         del llm
         gc.collect()
@@ -93,19 +108,23 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
             from benchmarks.reference import load_transformers, transformers_folder
 
             hf = load_transformers(transformers_folder(source), mode, dev, model_dtype)
-            rows.append({"engine": "transformers+bnb", "quant": mode,
-                         "perplexity": perplexity_transformers(hf, tokens, window),
+            rows.append({"engine": "transformers+bnb", "quant": mode, **score(transformers_logits(hf), texts, window),
                          "weights MiB": transformers_weight_bytes(hf) / 2**20})
             del hf
             gc.collect()
-    baseline = next((r["perplexity"] for r in rows if r["quant"] == "none" and r["engine"] == "llama_int8"), None)
-    for r in rows:
-        r["vs none"] = None if baseline is None else f"{r['perplexity'] / baseline - 1:+.1%}"
-    name = Path(text_file).name
-    report(f"Perplexity: {Path(source).name}, {name} ({len(tokens)} tokens, window {window})", rows, json,
-           {"text_file": name, "tokens": len(tokens)})
+    for r in rows:  # each engine against its own float baseline, when it ran one
+        baseline = next((b["all"] for b in rows if b["quant"] == "none" and b["engine"] == r["engine"]), None)
+        r["all vs none"] = None if baseline is None else f"{r['all'] / baseline - 1:+.2%}"
+    sizes = ", ".join(f"{name} {len(tokens)}" for name, tokens in texts.items())
+    report(f"Perplexity: {Path(source).name}, tokens: {sizes} (window {window})", rows, json,
+           {"texts": {name: len(tokens) for name, tokens in texts.items()}})
     if len(modes) == 1 and not json:
-        print(f"perplexity: {rows[0]['perplexity']:.4f}")
+        print(f"perplexity: {rows[0]['all']:.4f}")
+
+
+def comma_list(value: str | tuple) -> list[str]:
+    """fire passes "a,b" as a tuple and "a" as a string."""
+    return [v for v in (value.split(",") if isinstance(value, str) else map(str, value)) if v]
 
 
 if __name__ == "__main__":
