@@ -75,10 +75,10 @@ def transformers_weight_bytes(model) -> int:
 
 
 def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: str | tuple = DEFAULT_TEXTS,
-         window: int = 1024, device: str | None = None, dtype: str | None = None, compare: str | None = None,
-         json: bool = False) -> None:
+         window: int = 1024, device: str | None = None, dtype: str | None = None, int8_threshold: float = 6.0,
+         compare: str | None = None, json: bool = False) -> None:
     """Perplexity of the texts in text_file (comma-separated) for each mode in quant (comma-separated);
-    --compare transformers adds HF + bitsandbytes."""
+    --compare transformers adds HF + bitsandbytes (with the same int8_threshold)."""
     setup_logging()
     if compare not in (None, "transformers"):
         raise ValueError(f"compare: {compare!r} is not 'transformers'")
@@ -96,7 +96,8 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
     rows = []
     texts: dict[str, list[int]] = {}
     for mode in modes:
-        llm = Llama.build(source, max_seq_len=window, quant=mode, device=device, dtype=dtype)
+        llm = Llama.build(source, max_seq_len=window, quant=mode, device=device, dtype=dtype,
+                          int8_threshold=int8_threshold)
         texts = {p.name: llm.tokenizer.encode(p.read_text(), bos=True, eos=False) for p in paths}
         model_dtype = llm.model.tok_embeddings.weight.dtype
         dev = llm.model.device
@@ -107,7 +108,7 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
         if compare == "transformers":
             from benchmarks.reference import load_transformers, transformers_folder
 
-            hf = load_transformers(transformers_folder(source), mode, dev, model_dtype)
+            hf = load_transformers(transformers_folder(source), mode, dev, model_dtype, int8_threshold)
             rows.append({"engine": "transformers+bnb", "quant": mode, **score(transformers_logits(hf), texts, window),
                          "weights MiB": transformers_weight_bytes(hf) / 2**20})
             del hf

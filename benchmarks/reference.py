@@ -49,7 +49,7 @@ def export_gguf_to_hf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bnb_config(quant: str, compute_dtype: torch.dtype):
+def bnb_config(quant: str, compute_dtype: torch.dtype, int8_threshold: float = 6.0):
     """transformers' BitsAndBytesConfig for one of our --quant modes (None for 'none')."""
     from transformers import BitsAndBytesConfig
 
@@ -57,7 +57,7 @@ def bnb_config(quant: str, compute_dtype: torch.dtype):
     if mode == "none":
         return None
     if mode == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(int8_threshold))
     kind, _, dq = mode.partition("-")
     if kind not in ("nf4", "fp4") or dq not in ("", "dq"):
         raise ValueError(f"quant: no transformers equivalent for {quant!r}")
@@ -65,10 +65,11 @@ def bnb_config(quant: str, compute_dtype: torch.dtype):
                               bnb_4bit_use_double_quant=dq == "dq")
 
 
-def load_transformers(folder: Path, quant: str, device: torch.device, dtype: torch.dtype):
+def load_transformers(folder: Path, quant: str, device: torch.device, dtype: torch.dtype,
+                      int8_threshold: float = 6.0):
     from transformers import AutoModelForCausalLM
 
-    config = bnb_config(quant, dtype)
+    config = bnb_config(quant, dtype, int8_threshold)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=config,
                                                  device_map={"": device})
     return model.eval()
