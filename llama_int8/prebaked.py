@@ -34,9 +34,9 @@ from .checkpoint import Checkpoint, CheckpointError, NamedTensor, open_safetenso
 from .loader import checked_tensors, empty_model, fill_model, set_submodule
 from .model import ModelArgs, Transformer
 from .overlays import CheckpointStack
-from .quantize import (BITSANDBYTES_VERSION, QuantConfig, SharedActivation, check_packed_quant_state,
+from .quantize import (BITSANDBYTES_VERSION, QuantConfig, SharedInputGroup, check_packed_quant_state,
                        expected_quantized_tensors, quantize_weight, quantized_layer_names, quantized_linear,
-                       share_activation)
+                       share_input)
 from .tokenizer import find_tokenizer_file
 
 log = logging.getLogger(__name__)
@@ -354,7 +354,7 @@ def load_prebaked(model: Transformer, folder: str | Path, device: torch.device, 
     manifest = read_manifest(folder)
     cfg = manifest.quant if int8_threshold is None else replace(manifest.quant, int8_threshold=float(int8_threshold))
     by_layer = tensors_by_layer(manifest)
-    shared: dict[str, SharedActivation] = {}  # see quantize.share_activation
+    groups: dict[str, SharedInputGroup] = {}  # see quantize.share_input
     with ExitStack() as stack:
         handles = {s: stack.enter_context(open_safetensors(manifest.folder / s)) for s in manifest.shards}
 
@@ -373,7 +373,7 @@ def load_prebaked(model: Transformer, folder: str | Path, device: torch.device, 
                     shard = manifest.folder / manifest.tensors[f"{layer}.weight"].shard
                     raise CheckpointError(f"{shard}: layer {layer}: {problem}")
             quantized = quantized_linear(tensors, linear.in_features, linear.out_features, cfg, device, dtype)
-            share_activation(layer, quantized, shared)
+            share_input(layer, quantized, groups)
             set_submodule(model, layer, quantized)
             del tensors
         fill_model(model, (read(name) for name in by_layer.get(None, [])), device, dtype)

@@ -298,57 +298,92 @@ def quantize_activation(a: torch.Tensor, threshold: float) -> Int8Activation:
     return Int8Activation(ca, row_stats, cols)
 
 
-class SharedActivation:
-    """The quantized form of the last input given to a group of int8 layers that read the same tensor
-    (a block's wq, wk, wv; its w1, w3), so that it is quantized once rather than once per layer.
+class SharedInputGroup:
+    """Int8 layers that a block calls one after another on the same input (its wq, wk, wv; its w1,
+    w3), computed as one layer: their weights are rows of one int8 matrix (each layer's weight a
+    view of its rows, so no byte is held twice), the input is quantized and multiplied once, and
+    each layer returns its columns of the product. One product instead of three cost measurably
+    less per decode step than the small kernels around each (README); every number is the one the
+    layer alone computes, since LLM.int8() scales each output column by its own row of weights.
 
-    A layer reuses it only when its input is the very tensor object quantized last (`x is self.x`).
-    Holding a reference to that tensor keeps its address from being reused by a new one; the model
-    does not modify a normed input in place between the calls that read it. After `consumers` reads
-    of the same input the memo lets go of it, so no activation outlives the block's forward.
+    Members join as they are built (join); once all have, their weights move into the shared
+    matrix. A layer reuses the product only when its input is the very tensor object multiplied
+    last (`x is self.x`); holding that tensor keeps its address from being reused, and the model
+    does not modify a normed input in place between the calls that read it. After every member has
+    read it the product is let go, so none outlives the block's forward.
     """
 
-    def __init__(self, consumers: int):
-        self.consumers = consumers
+    def __init__(self, size: int):
+        self.size = size
+        self.members: list[nn.Module] = []
+        self.cb: torch.Tensor | None = None  # [sum of members' out, in] int8, once all have joined
+        self.scb: torch.Tensor | None = None  # [sum of members' out] float32
         self.x: torch.Tensor | None = None
-        self.value: Int8Activation | None = None
+        self.product: torch.Tensor | None = None
         self.reads = 0
 
-    def quantized(self, x: torch.Tensor, a: torch.Tensor, threshold: float) -> Int8Activation:
-        """x quantized (a is x as [rows, in]), computed on its first read and reused after."""
-        if x is not self.x or self.value is None:
-            self.x, self.value, self.reads = x, quantize_activation(a, threshold), 0
-        value = self.value
+    def join(self, layer: nn.Module) -> None:
+        self.members.append(layer)
+        layer.shared_input = self
+        if len(self.members) == self.size:
+            self.fuse()
+
+    def fuse(self) -> None:
+        """Move the members' int8 rows and scales into one matrix; each keeps a view of its rows."""
+        self.cb = torch.cat([layer.weight.data for layer in self.members])
+        self.scb = torch.cat([layer.weight.SCB for layer in self.members])
+        start = 0
+        for layer in self.members:
+            rows = slice(start, start + layer.out_features)
+            layer.weight.data = layer.weight.CB = self.cb[rows]  # the old tensors are freed here
+            layer.weight.SCB = self.scb[rows]
+            layer.columns = rows
+            start = rows.stop
+        self.members.clear()  # the layers hold the group, not the other way round
+
+    def columns_for(self, layer: nn.Module, x: torch.Tensor, a: torch.Tensor, threshold: float) -> torch.Tensor:
+        """layer's output [rows, out] for x (a is x as [rows, in]): its columns of the shared product,
+        computed on the group's first read of x."""
+        if x is not self.x or self.product is None:
+            self.x, self.product, self.reads = x, int8_product(a, self.cb, self.scb, threshold), 0
+        out = self.product[:, layer.columns]
         self.reads += 1
-        if self.reads >= self.consumers:
-            self.x, self.value = None, None
-        return value
+        if self.reads >= self.size:
+            self.x, self.product = None, None
+        return out
+
+
+def int8_product(a: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float) -> torch.Tensor:
+    """LLM.int8() of a [rows, in] with int8 weights cb [out, in] and their scales scb [out], exactly as
+    bitsandbytes computes it on the CPU (row-wise int8 activations from float16, int32 products,
+    outlier columns >= threshold in a's dtype against their dequantized weight columns): [rows, out]."""
+    q = quantize_activation(a, threshold)
+    # (int32 products * (row scale * column scale)) * constant, bitsandbytes' order; in place after the first.
+    out = torch._int_mm(q.ca, cb.t()).mul(q.row_stats * scb).mul_(INT8_PRODUCT_SCALE)  # [rows, out] float32
+    if out.dtype != a.dtype:
+        out = out.to(a.dtype)
+    if q.cols is not None:
+        outlier_weights = (cb[:, q.cols] * scb.unsqueeze(1) * INT8_WEIGHT_SCALE).to(a.dtype)  # [out, n_cols]
+        out = out.addmm(a[:, q.cols], outlier_weights.t())
+    return out
 
 
 def int8_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Linear8bitLt's eval forward, x [..., in] -> [..., out] in x's dtype: LLM.int8() exactly as
-    bitsandbytes computes it on the CPU (row-wise int8 activations from float16, int32 products,
-    outlier columns >= threshold in x's dtype against their dequantized weight columns).
-
-    A layer given a SharedActivation (`layer.shared_activation`, set by make_linear_hook) takes the
-    quantized input from it."""
+    """Linear8bitLt's eval forward, x [..., in] -> [..., out] in x's dtype: int8_product, bit for bit
+    what bitsandbytes computes, in fewer kernels. A layer of a SharedInputGroup
+    (`layer.shared_input`, set by share_input) takes its columns of the group's product."""
     if not takes_fast_path(layer, x):
         return type(layer).forward(layer, x)
     weight = layer.weight
-    cb = weight.data  # [out, in] int8
-    scb = weight.SCB if weight.SCB is not None else layer.state.SCB  # [out] float32
     a = x.reshape(-1, x.shape[-1])  # [rows, in]
-    shared = layer.__dict__.get("shared_activation")  # a plain attribute, when there is one
     threshold = layer.state.threshold
-    q = quantize_activation(a, threshold) if shared is None else shared.quantized(x, a, threshold)
-    # (int32 products * (row scale * column scale)) * constant, bitsandbytes' order; in place after the first.
-    out = torch._int_mm(q.ca, cb.t()).mul(q.row_stats * scb).mul_(INT8_PRODUCT_SCALE)  # [rows, out] float32
-    if out.dtype != x.dtype:
-        out = out.to(x.dtype)
-    if q.cols is not None:
-        outlier_weights = (cb[:, q.cols] * scb.unsqueeze(1) * INT8_WEIGHT_SCALE).to(x.dtype)  # [out, n_cols]
-        out = out.addmm(a[:, q.cols], outlier_weights.t())
-    return out.view(*x.shape[:-1], cb.shape[0])
+    group = layer.__dict__.get("shared_input")  # a plain attribute, when there is one
+    if group is not None and group.cb is not None:
+        out = group.columns_for(layer, x, a, threshold)
+    else:
+        scb = weight.SCB if weight.SCB is not None else layer.state.SCB  # [out] float32
+        out = int8_product(a, weight.data, scb, threshold)
+    return out.view(*x.shape[:-1], layer.out_features)
 
 
 def gemv_4bit_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -382,13 +417,13 @@ def make_linear_hook(cfg: QuantConfig, device: torch.device | str, dtype: torch.
     if not cfg.enabled:
         return None
 
-    shared: dict[str, SharedActivation] = {}
+    groups: dict[str, SharedInputGroup] = {}
 
     def hook(name: str, module: nn.Linear, weight: torch.Tensor) -> nn.Module | None:
         if name == "output.weight" and not cfg.quantize_head:
             return None
         layer = quantize_linear_on_host(weight, cfg, device, dtype)
-        share_activation(name, layer, shared)
+        share_input(name, layer, groups)
         return layer
 
     return hook
@@ -398,14 +433,14 @@ def make_linear_hook(cfg: QuantConfig, device: torch.device | str, dtype: torch.
 SHARED_INPUT_GROUPS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
 
 
-def share_activation(name: str, layer: nn.Module, shared: dict[str, SharedActivation]) -> None:
-    """Give the lean int8 layer at module path name (`.weight` optional) its group's SharedActivation,
-    made on the group's first layer and kept in shared (one dict per model); other layers are left as
-    they are."""
+def share_input(name: str, layer: nn.Module, groups: dict[str, SharedInputGroup]) -> None:
+    """Make the lean int8 layer at module path name (`.weight` optional) a member of its block's
+    SharedInputGroup, made on the group's first layer and kept in groups (one dict per model); other
+    layers are left as they are."""
     group = shared_input_group(name)
     if group is not None and getattr(layer.forward, "__func__", None) is int8_forward_cpu:
-        key, consumers = group
-        layer.shared_activation = shared.setdefault(key, SharedActivation(consumers))
+        key, size = group
+        groups.setdefault(key, SharedInputGroup(size)).join(layer)
 
 
 def shared_input_group(name: str) -> tuple[str, int] | None:

@@ -80,13 +80,14 @@ def test_prebaked_logits_are_bit_identical_to_quantizing_at_load(meta_source, tm
 
 
 @pytest.mark.skipif(not quantize.INT_MM_IS_FAST_ON_CPU, reason="the lean int8 forward needs AVX-512")
-def test_prebaked_int8_layers_sharing_an_input_share_its_quantization(baked_int8):
+def test_prebaked_int8_layers_sharing_an_input_are_computed_as_one(baked_int8):
     model = Llama.build(baked_int8, max_seq_len=16, max_batch_size=1, device="cpu").model
     for block in model.layers:
         attention, ffn = block.attention, block.feed_forward
-        assert attention.wq.shared_activation is attention.wk.shared_activation is attention.wv.shared_activation
-        assert ffn.w1.shared_activation is ffn.w3.shared_activation is not attention.wq.shared_activation
-    assert model.layers[0].attention.wq.shared_activation is not model.layers[1].attention.wq.shared_activation
+        assert attention.wq.shared_input is attention.wk.shared_input is attention.wv.shared_input
+        assert ffn.w1.shared_input is ffn.w3.shared_input is not attention.wq.shared_input
+        assert attention.wq.shared_input.cb is not None and ffn.w1.shared_input.cb is not None
+    assert model.layers[0].attention.wq.shared_input is not model.layers[1].attention.wq.shared_input
 
 
 def test_prebaked_with_quantized_head_round_trips(meta_source, tmp_path):

@@ -260,9 +260,10 @@ def test_cpu_fast_forward_equals_bitsandbytes_forward(mode, threshold, dtype, ro
 @pytest.mark.skipif(not quantize.INT_MM_IS_FAST_ON_CPU, reason="the lean int8 forward needs AVX-512")
 @pytest.mark.parametrize("threshold", [6.0, 0.05])  # 0.05: the normed activations here have outliers
 @pytest.mark.parametrize("batch, seq", [(1, 1), (2, 5)])
-def test_int8_layers_sharing_an_input_quantize_it_once_and_match_bitsandbytes(threshold, batch, seq):
-    """wq/wk/wv and w1/w3 of a block share one SharedActivation; the logits equal those of
-    bitsandbytes' own forward in every layer, bit for bit, and no activation is kept afterwards."""
+def test_int8_layers_sharing_an_input_are_computed_as_one_and_match_bitsandbytes(threshold, batch, seq):
+    """wq/wk/wv and w1/w3 of a block form one SharedInputGroup whose int8 matrix holds their rows
+    (each layer's weight a view of it: no byte twice); the logits equal those of bitsandbytes' own
+    forward in every layer, bit for bit, and no product is kept afterwards."""
     model = empty_model(TINY_ARGS)
     fill_model(model, random_tensors(TINY_ARGS, torch.float32), torch.device("cpu"), torch.float32,
                make_linear_hook(parse_quant_mode("int8", threshold), "cpu", torch.float32))
@@ -270,15 +271,20 @@ def test_int8_layers_sharing_an_input_quantize_it_once_and_match_bitsandbytes(th
     blocks = list(model.layers)
     for block in blocks:
         attention, ffn = block.attention, block.feed_forward
-        assert attention.wq.shared_activation is attention.wk.shared_activation is attention.wv.shared_activation
-        assert ffn.w1.shared_activation is ffn.w3.shared_activation is not attention.wq.shared_activation
-        assert "shared_activation" not in vars(attention.wo) and "shared_activation" not in vars(ffn.w2)
-    assert blocks[0].attention.wq.shared_activation is not blocks[1].attention.wq.shared_activation
+        for members in ((attention.wq, attention.wk, attention.wv), (ffn.w1, ffn.w3)):
+            group = members[0].shared_input
+            assert all(m.shared_input is group for m in members)
+            assert torch.equal(group.cb, torch.cat([m.weight.data for m in members]))
+            assert all(m.weight.data.untyped_storage().data_ptr() == group.cb.untyped_storage().data_ptr()
+                       for m in members)
+        assert ffn.w1.shared_input is not attention.wq.shared_input
+        assert "shared_input" not in vars(attention.wo) and "shared_input" not in vars(ffn.w2)
+    assert blocks[0].attention.wq.shared_input is not blocks[1].attention.wq.shared_input
     tokens = torch.randint(0, TINY_ARGS.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         ours = [model(tokens, 0), model(tokens[:, :1], seq)]  # a prefill, then one decode step
-        memos = [m.shared_activation for m in model.modules() if "shared_activation" in vars(m)]
-        assert memos and all(memo.x is None and memo.value is None for memo in memos)
+        groups = {id(m.shared_input): m.shared_input for m in model.modules() if "shared_input" in vars(m)}
+        assert groups and all(g.x is None and g.product is None for g in groups.values())
         for m in model.modules():
             if "forward" in vars(m):
                 del m.forward  # back to bitsandbytes' Linear8bitLt.forward
