@@ -130,11 +130,13 @@ class Llama:
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
             emitted = ~forced & ~done
-            yield [int(t) if e else None for t, e in zip(nxt.tolist(), emitted.tolist())]
             n_generated += emitted
             done |= (emitted & torch.isin(nxt, stop_tensor)) | (n_generated >= max_gen_len)
             prev_pos = cur_pos
-            if bool(done.all()):
+            # One device-to-host copy per step, the only wait on a GPU: the tokens, and what to do next.
+            step_tokens, step_emitted, step_done = torch.stack((nxt, emitted.long(), done.long())).tolist()
+            yield [t if e else None for t, e in zip(step_tokens, step_emitted)]
+            if all(step_done):
                 break
 
     def check_batch(self, prompt_tokens: list[list[int]]) -> None:
