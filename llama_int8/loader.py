@@ -10,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, NamedTensor
+from .memory import return_freed_host_memory
 from .model import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
             value = item.tensor.to(device=device, dtype=dtype)
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         del item  # drop the last reference to the source tensor before reading the next one
+        return_freed_host_memory()
     if model.args.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
 

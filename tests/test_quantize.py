@@ -400,9 +400,11 @@ def test_int8_argmax_agrees_with_float32_wherever_float32_is_decided(smollm2_flo
 # 2 shards of random bf16 weights, ~340 MB: 8 layers of dim 1024 (103M quantizable weights) and a
 # 32000-token embedding and head (65.5M) kept in bf16.
 HOSTMEM_ARGS = ModelArgs(dim=1024, n_layers=8, n_heads=16, vocab_size=32000, hidden_dim=2816)
-# Transient allowed beyond the quantized footprint. Measured: see the assertion message (peak RssAnon
-# minus the RssAnon after imports minus the footprint). The model's 16-bit source is ~320 MiB.
-HOSTMEM_TRANSIENT_BOUND = 96 * 1024**2
+# Transient allowed beyond the quantized footprint: about two of the largest layers (a 5.5 MiB bf16
+# source and its float32 chunks and int8 result). Measured: see the assertion message (peak RssAnon
+# minus the RssAnon after imports minus the footprint): 1 MiB, sampled every 2 ms; 36-53 MiB when
+# freed memory was left with the C library (memory.return_freed_host_memory). The source is ~320 MiB.
+HOSTMEM_TRANSIENT_BOUND = 24 * 1024**2
 
 
 @pytest.fixture(scope="module")
