@@ -243,6 +243,14 @@ def random_tensors(args: ModelArgs, dtype: torch.dtype = torch.bfloat16):
         yield NamedTensor(name, (torch.randn(p.shape) * 0.02).to(dtype), "random")
 
 
+def quantized_tiny_model(cfg: QuantConfig, dtype: torch.dtype = torch.bfloat16):
+    """TINY_ARGS filled with random weights of dtype on the CPU, its block linears quantized by cfg."""
+    model = empty_model(TINY_ARGS)
+    fill_model(model, random_tensors(TINY_ARGS, dtype), torch.device("cpu"), dtype,
+               make_linear_hook(cfg, "cpu", dtype))
+    return model
+
+
 @pytest.mark.parametrize("mode, threshold", [("int8", 6.0), ("int8", 0.0), ("nf4", 0.0), ("fp4", 0.0),
                                              ("nf4-dq", 0.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -264,9 +272,7 @@ def test_int8_layers_sharing_an_input_are_computed_as_one_and_match_bitsandbytes
     """wq/wk/wv and w1/w3 of a block form one SharedInputGroup whose int8 matrix holds their rows
     (each layer's weight a view of it: no byte twice); the logits equal those of bitsandbytes' own
     forward in every layer, bit for bit, and no product is kept afterwards."""
-    model = empty_model(TINY_ARGS)
-    fill_model(model, random_tensors(TINY_ARGS, torch.float32), torch.device("cpu"), torch.float32,
-               make_linear_hook(parse_quant_mode("int8", threshold), "cpu", torch.float32))
+    model = quantized_tiny_model(parse_quant_mode("int8", threshold), torch.float32)
     model.setup_caches(batch, 16, torch.float32, "cpu")
     blocks = list(model.layers)
     for block in blocks:
@@ -296,9 +302,7 @@ def test_int8_layers_sharing_an_input_are_computed_as_one_and_match_bitsandbytes
 @pytest.mark.parametrize("mode", QUANTIZED_MODES)
 def test_hook_quantizes_every_block_linear_and_keeps_the_head_16_bit(mode):
     cfg = parse_quant_mode(mode)
-    model = empty_model(TINY_ARGS)
-    fill_model(model, random_tensors(TINY_ARGS), torch.device("cpu"), torch.bfloat16,
-               make_linear_hook(cfg, "cpu", torch.bfloat16))
+    model = quantized_tiny_model(cfg)
     quantized = set(quantized_layer_names(TINY_ARGS.n_layers, quantize_head=False))
     for name, module in model.named_modules():
         if name in quantized:
@@ -325,9 +329,7 @@ def expected_weight_bytes(args: ModelArgs, cfg: QuantConfig, dtype: torch.dtype)
 @pytest.mark.parametrize("mode", QUANTIZED_MODES)
 def test_weight_bytes_of_a_quantized_model_match_the_expected_footprint(mode):
     cfg = parse_quant_mode(mode)
-    model = empty_model(TINY_ARGS)
-    fill_model(model, random_tensors(TINY_ARGS), torch.device("cpu"), torch.bfloat16,
-               make_linear_hook(cfg, "cpu", torch.bfloat16))
+    model = quantized_tiny_model(cfg)
     model.setup_caches(1, 16, torch.bfloat16, "cpu")
     measured, expected = weight_bytes(model), expected_weight_bytes(TINY_ARGS, cfg, torch.bfloat16)
     if mode == "int8":
