@@ -98,7 +98,8 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
     for mode in modes:
         llm = Llama.build(source, max_seq_len=window, quant=mode, device=device, dtype=dtype,
                           int8_threshold=int8_threshold)
-        texts = {p.name: llm.tokenizer.encode(p.read_text(), bos=True, eos=False) for p in paths}
+        if not texts:  # every mode shares the checkpoint's tokenizer: encode once
+            texts = {p.name: llm.tokenizer.encode(p.read_text(), bos=True, eos=False) for p in paths}
         model_dtype = llm.model.tok_embeddings.weight.dtype
         dev = llm.model.device
         rows.append({"engine": "llama_int8", "quant": mode, **score(ours_logits(llm), texts, window),
