@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, NamedTensor
 from .memory import return_freed_host_memory
-from .model import ModelArgs, Transformer
+from .model import ModelArgs, Transformer, empty_model  # noqa: F401  (empty_model: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def is_block_linear(name: str) -> bool:
     return name.startswith("layers.") and (".attention.w" in name or ".feed_forward.w" in name)
-
-
-def empty_model(args: ModelArgs, attention_backend: str = "sdpa") -> Transformer:
-    """A Transformer whose parameters take no memory until the loader assigns them."""
-    with torch.device("meta"):
-        return Transformer(args, attention_backend)
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -395,3 +395,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, start_pos, rotation)
         return h
+
+
+def empty_model(args: ModelArgs, attention_backend: str = "sdpa") -> Transformer:
+    """A Transformer on the meta device: every parameter has its name and shape, and takes no memory
+    until a loader assigns it."""
+    with torch.device("meta"):
+        return Transformer(args, attention_backend)
+
+
+def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter a checkpoint provides for args (a tied head is the embedding's)."""
+    shapes = {name: tuple(p.shape) for name, p in empty_model(args).named_parameters()}
+    if args.tie_word_embeddings:
+        shapes.pop("output.weight", None)
+    return shapes
