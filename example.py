@@ -14,18 +14,20 @@ other models complete the built-in prompts. --prompt always completes the given 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import fire
-import torch
+from llama_int8.cli import (add_checkpoint_flags, add_runtime_flags, add_sampling_flags, add_switch, build_kwargs,
+                            make_parser, non_empty_text, run_cli, sampling_kwargs)
 
-from llama_int8 import Llama
 from llama_int8.chat import Dialog, fit_dialog
-from llama_int8.demo import demo_gguf_path
-from llama_int8.logs import setup_logging
+
+if TYPE_CHECKING:
+    from llama_int8 import Llama
 
 log = logging.getLogger("example")
 
@@ -45,37 +47,36 @@ SEPARATOR = "\n\n==================================\n"
 EXIT_WORDS = ("exit", "quit")
 
 
-def main(ckpt_dir: str | list[str] | None = None, tokenizer_path: str | None = None,
-         prompt: str | list[str] | None = None, chat: bool = False, system: str | None = None,
-         max_batch_size: int = 1, max_seq_len: int = 512, max_gen_len: int = 256, temperature: float = 0.6,
-         top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int = 1, device: str | None = None,
-         dtype: str | None = None, quant: str = "int8", attention: str | None = None,
-         int8_threshold: float | None = None, blocksize: int | None = None, quantize_head: bool = False,
-         sliding_window: int | None = None, prefill_chunk: int | None = None,
-         delta: str | list[str] | None = None) -> None:
-    """ckpt_dir: a checkpoint folder or GGUF file (default: the demo model, fetched on first use), or a
-    stack '[base,finetune,lora-adapter]' merged in order; delta: folders added to it (llama_int8/overlays.py).
-    chat: an interactive conversation on stdin; system: a system message for the chat and the questions.
-    sliding_window: attend to the last N tokens only, overriding the checkpoint's (the KV cache holds N);
-    prefill_chunk: prefill long prompts N tokens at a time."""
-    setup_logging()
-    if ckpt_dir is None:
-        ckpt_dir = str(demo_gguf_path())
-        log.info("No --ckpt_dir given: using the demo model %s", ckpt_dir)
-    llm = Llama.build(ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                      max_batch_size=max_batch_size, quant=quant, device=device, dtype=dtype, attention=attention,
-                      int8_threshold=int8_threshold, blocksize=blocksize, quantize_head=quantize_head,
-                      sliding_window=sliding_window, prefill_chunk=prefill_chunk, delta=delta)
-    sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len,
-                    repetition_penalty=repetition_penalty, seed=seed)
-    if chat:
-        chat_loop(llm, system, sampling, max_seq_len)
-    elif prompt is None and is_chat_model(llm, ckpt_dir):
-        dialogs = [with_system(system) + [{"role": "user", "content": q}] for q in BUILT_IN_QUESTIONS]
-        answer_questions(llm, dialogs, sampling, max_batch_size)
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(None, __doc__.split("\n", 1)[0])
+    parser.add_argument("--prompt", action="append", type=non_empty_text, metavar="TEXT",
+                        help="complete TEXT as it is; repeat the flag for several prompts "
+                             "(default: the built-in questions, or prompts for a model that does not chat)")
+    add_switch(parser, "--chat", 'talk to the model: one message a line on stdin, EOF or "exit" ends (default: off)')
+    parser.add_argument("--system", type=non_empty_text, metavar="TEXT",
+                        help="a system message for the chat and the built-in questions (default: none)")
+    add_checkpoint_flags(parser)
+    add_runtime_flags(parser)
+    add_sampling_flags(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    import torch  # imported once the flags are known good: torch and the model take seconds to import
+
+    from llama_int8 import Llama
+
+    torch.set_grad_enabled(False)
+    build = build_kwargs(args)
+    llm = Llama.build(**build)
+    sampling = sampling_kwargs(args)
+    if args.chat:
+        chat_loop(llm, args.system, sampling, args.max_seq_len)
+    elif args.prompt is None and is_chat_model(llm, build["ckpt_dir"]):
+        dialogs = [with_system(args.system) + [{"role": "user", "content": q}] for q in BUILT_IN_QUESTIONS]
+        answer_questions(llm, dialogs, sampling, args.max_batch_size)
     else:
-        prompts = BUILT_IN_PROMPTS if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
-        complete_prompts(llm, prompts, sampling, max_batch_size)
+        complete_prompts(llm, args.prompt or BUILT_IN_PROMPTS, sampling, args.max_batch_size)
 
 
 def is_chat_model(llm: Llama, ckpt_dir: str | list[str]) -> bool:
@@ -157,9 +158,4 @@ def print_stream(pieces: Iterator[str]) -> str:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    try:
-        fire.Fire(main)
-    except (ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        sys.exit(1)
+    run_cli(build_parser(), main)

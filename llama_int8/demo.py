@@ -8,6 +8,7 @@ dependencies are installed) and its GGUF file is extracted into the cache folder
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import subprocess
@@ -16,9 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import fire
-
-from .logs import setup_logging
+from .cli import add_switch, make_parser, run_cli
 
 log = logging.getLogger("llama_int8.demo")  # also when run as __main__
 
@@ -65,15 +64,12 @@ def fetch_demo_gguf(path: Path) -> None:
     log.info("Demo model ready: %s", path)
 
 
-def main(fetch: bool = False) -> None:
-    """Print the demo model's path; with --fetch, download it first if needed."""
-    setup_logging()
-    try:
-        print(demo_gguf_path(fetch=fetch))
-    except FileNotFoundError as e:
-        log.error("%s", e)
-        sys.exit(1)
+def main(args: argparse.Namespace) -> None:
+    print(demo_gguf_path(fetch=args.fetch))
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    parser = make_parser("python -m llama_int8.demo", "Print the demo model's path; with --fetch, download it first "
+                                                      "if it is not cached.")
+    add_switch(parser, "--fetch", f"fetch the demo model into {cache_dir()} if it is not there (default: off)")
+    run_cli(parser, main)
