@@ -19,8 +19,8 @@ import sys
 import fire
 
 from llama_int8.logs import setup_logging
-from llama_int8.overlays import open_stack
-from llama_int8.prebaked import SHARD_BYTES, write_prebaked
+from llama_int8.formats import open_checkpoint
+from llama_int8.formats.prebaked import SHARD_BYTES, write_prebaked
 from llama_int8.quantize import parse_quant_mode
 
 
@@ -34,7 +34,7 @@ def main(ckpt_dir: str | list[str], out_dir: str, quant: str = "int8", int8_thre
     they are merged tensor by tensor before quantizing (llama_int8/overlays.py)."""
     setup_logging()
     cfg = parse_quant_mode(quant, int8_threshold, blocksize, quantize_head)
-    write_prebaked(open_stack(ckpt_dir, delta), out_dir, cfg, force=force, tokenizer_path=tokenizer_path,
+    write_prebaked(open_checkpoint(ckpt_dir, delta), out_dir, cfg, force=force, tokenizer_path=tokenizer_path,
                    shard_bytes=int(shard_size_gb * 1024**3))
 
 

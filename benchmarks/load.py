@@ -82,8 +82,8 @@ def prepare_synthetic(work_dir: Path) -> tuple[Path, Path]:
 
 
 def prepare_prebaked(source: Path, work_dir: Path, quant: str) -> Path:
-    from llama_int8.checkpoint import open_checkpoint
-    from llama_int8.prebaked import write_prebaked
+    from llama_int8.formats import open_checkpoint
+    from llama_int8.formats.prebaked import write_prebaked
     from llama_int8.quantize import parse_quant_mode
 
     out = work_dir / f"{source.name}-{quant}"

@@ -27,7 +27,7 @@ import torch
 from benchmarks.common import report, synchronize
 from benchmarks.reference import load_transformers, transformers_folder
 from llama_int8 import Llama
-from llama_int8.checkpoint import CheckpointError
+from llama_int8.formats import CheckpointError
 from llama_int8.demo import demo_gguf_path
 from llama_int8.logs import setup_logging
 from llama_int8.memory import weight_bytes

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llama_int8.checkpoint import HF_LAYER_NAMES, HF_TOP_NAMES, META_SHARD_DIM, read_meta_tensors
-from llama_int8.loader import empty_model
-from llama_int8.model import ModelArgs
+from llama_int8.formats.common import HF_LAYER_NAMES, HF_TOP_NAMES
+from llama_int8.formats.meta import META_SHARD_DIM, read_meta_tensors
+from llama_int8.model import ModelArgs, empty_model
 
 SHAPES: dict[str, ModelArgs] = {
     "SmolLM2-135M": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,

@@ -33,11 +33,12 @@ import torch
 from benchmarks.common import report
 from benchmarks.hostmem import rss_anon_bytes, run_sampled
 from benchmarks.synthetic import SHAPES, random_piece
-from llama_int8.checkpoint import NamedTensor
-from llama_int8.loader import empty_model, fill_model
+from llama_int8.formats import NamedTensor
+from llama_int8.loader import fill_model
 from llama_int8.memory import weight_bytes
-from llama_int8.model import ModelArgs
-from llama_int8.quantize import QuantConfig, make_linear_hook, parse_quant_mode, quantized_weight_bytes
+from llama_int8.model import ModelArgs, empty_model
+from llama_int8.quantize import QuantConfig, parse_quant_mode, quantized_weight_bytes
+from llama_int8.quantized_layers import make_linear_hook
 
 GiB = 1024**3
 MiB = 1024**2
@@ -201,7 +202,7 @@ def main(max_seq_len: int = 2048, max_batch_size: int = 1, models: str | tuple =
         print(jsonlib.dumps(measure_cpu_here(child, str(quant), ckpt_dir, max_seq_len, max_batch_size)))
         return
     if ckpt_dir is not None:
-        from llama_int8.checkpoint import open_checkpoint
+        from llama_int8.formats import open_checkpoint
 
         checkpoint = open_checkpoint(ckpt_dir)
         shapes = {checkpoint.folder.name: checkpoint.args}

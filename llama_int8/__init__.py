@@ -9,8 +9,9 @@ if TYPE_CHECKING:
     from .generation import Llama
     from .model import ModelArgs, Transformer
 
-__all__ = ["Llama", "ModelArgs", "Transformer"]
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["Llama", "ModelArgs", "Transformer", "__version__"]
 
 # The module each public name comes from, imported on first use: the command lines check their flags,
 # and `python -m llama_int8.demo` runs, without waiting seconds for torch and bitsandbytes to import.

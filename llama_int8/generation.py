@@ -12,13 +12,11 @@ from typing import TypedDict
 import torch
 
 from .chat import ChatPrediction, Dialog, encode_dialog
-from .overlays import open_stack
-from .loader import (choose_attention_backend, count_expected_tensors, default_device, default_dtype,
-                     empty_model, fill_model)
+from .formats import Checkpoint, open_checkpoint
+from .loader import choose_attention_backend, default_device, default_dtype, load_weights
 from .memory import describe_memory
-from .model import Transformer
-from .prebaked import load_prebaked
-from .quantize import make_linear_hook, parse_quant_mode
+from .model import Transformer, empty_model
+from .quantize import QuantConfig, parse_quant_mode
 from .sampling import next_tokens
 from .tokenizer import Tokenizer
 
@@ -45,7 +43,7 @@ class Llama:
 
         ckpt_dir may list several folders: a base, then overlays (partial checkpoints whose tensors
         replace the base's, PEFT LoRA adapters) merged in order before quantizing; delta lists
-        folders added to the weights (base + delta). See overlays.py; the tokenizer is the base's.
+        folders added to the weights (base + delta). See formats/stack.py; the tokenizer is the base's.
 
         quant: int8 (LLM.int8()), nf4, nf4-dq, fp4, fp4-dq or none; the linear layers of the blocks
         are quantized on the host as they are read (the head too with quantize_head), and only their
@@ -62,7 +60,7 @@ class Llama:
         cfg = parse_quant_mode(quant, 6.0 if int8_threshold is None else int8_threshold, blocksize, quantize_head)
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size ({max_batch_size}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
-        checkpoint = open_stack(ckpt_dir, delta)
+        checkpoint = open_checkpoint(ckpt_dir, delta)
         tokenizer = checkpoint.tokenizer(tokenizer_path)
         device = torch.device(device) if device is not None else default_device()
         dtype = resolve_dtype(dtype, device)
@@ -71,17 +69,8 @@ class Llama:
             raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         args = checkpoint.args if sliding_window is None else replace(checkpoint.args, sliding_window=sliding_window)
         model = empty_model(args, backend)
-        if checkpoint.format == "prebaked":
-            baked = load_prebaked(model, checkpoint.folder, device, dtype, int8_threshold)
-            if baked.name != cfg.name:
-                log.warning("%s was quantized offline to %s: loading it as it is (quant=%r ignored)",
-                            checkpoint.folder, baked.name, quant)
-            cfg = baked
-        else:
-            if cfg.quantize_head and checkpoint.args.tie_word_embeddings:
-                log.warning("%s ties the head to the embedding: the head is kept 16-bit", checkpoint.folder)
-            fill_model(model, checkpoint.tensors(), device, dtype, linear_hook=make_linear_hook(cfg, device, dtype),
-                       total=count_expected_tensors(checkpoint.args))
+        cfg = quantization_to_load(checkpoint, cfg, quant, int8_threshold)
+        load_weights(model, checkpoint, cfg, device, dtype)
         model.setup_caches(max_batch_size, max_seq_len, dtype, device, prefill_chunk)
         model.eval()
         log.info("Loaded %s checkpoint %s in %.1f s (%s, %s, %s, %s attention): %s", checkpoint.format,
@@ -216,6 +205,21 @@ class Llama:
                 continue  # an incomplete UTF-8 sequence: wait for its remaining bytes
             yield new_text[len(text):]
             text = new_text
+
+
+def quantization_to_load(checkpoint: Checkpoint, requested: QuantConfig, quant: str,
+                         int8_threshold: float | None) -> QuantConfig:
+    """The mode the checkpoint loads in: the requested one, or the one its layers were stored in
+    (with int8_threshold, when given, replacing the stored threshold)."""
+    stored = checkpoint.quant
+    if stored is None:
+        if requested.quantize_head and checkpoint.args.tie_word_embeddings:
+            log.warning("%s ties the head to the embedding: the head is kept 16-bit", checkpoint.location)
+        return requested
+    if stored.name != requested.name:
+        log.warning("%s was quantized offline to %s: loading it as it is (quant=%r ignored)",
+                    checkpoint.location, stored.name, quant)
+    return stored if int8_threshold is None else replace(stored, int8_threshold=float(int8_threshold))
 
 
 def cut_at_stop(tokens: list[int], stop_ids: Collection[int]) -> list[int]:

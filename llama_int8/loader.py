@@ -1,24 +1,26 @@
-"""Build a Transformer on the meta device and fill it, tensor by tensor, from a checkpoint."""
+"""Build a Transformer on the meta device and fill it, tensor by tensor, from a checkpoint.
+
+Weights are converted (or quantized, through a hook from quantized_layers) one at a time as the
+checkpoint yields them, and each source tensor is freed before the next is read.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, NamedTensor
+from .formats import Checkpoint, NamedTensor
+from .formats.common import checked_tensors
 from .memory import return_freed_host_memory
-from .model import ModelArgs, Transformer, empty_model  # noqa: F401  (empty_model: re-exported)
+from .model import ModelArgs, Transformer
+from .quantize import QuantConfig
+from .quantized_layers import LinearHook, make_linear_hook, quantized_linear, share_input
 
 log = logging.getLogger(__name__)
-
-# Called with the weight of each linear layer of the blocks and of the (untied) output head; returns
-# the module that replaces it (e.g. a quantized layer already on the device) or None to keep a plain
-# nn.Linear.
-LinearHook = Callable[[str, nn.Linear, torch.Tensor], nn.Module | None]
 
 
 def default_device() -> torch.device:
@@ -32,6 +34,35 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def load_weights(model: Transformer, checkpoint: Checkpoint, cfg: QuantConfig, device: torch.device,
+                 dtype: torch.dtype) -> None:
+    """Fill a meta-device model from checkpoint, converting to dtype on device.
+
+    The linear layers of the blocks (and the head, if cfg says so) are quantized on the host as cfg
+    says; a checkpoint whose layers are stored quantized has them built as they are, in its own
+    mode (cfg, which must be that mode, lends its int8 threshold).
+    """
+    if checkpoint.quant is not None:
+        load_quantized_layers(model, checkpoint, cfg, device, dtype)
+        fill_model(model, checkpoint.tensors(), device, dtype)
+    else:
+        fill_model(model, checkpoint.tensors(), device, dtype, linear_hook=make_linear_hook(cfg, device, dtype),
+                   total=count_expected_tensors(checkpoint.args))
+
+
+def load_quantized_layers(model: Transformer, checkpoint: Checkpoint, cfg: QuantConfig, device: torch.device,
+                          dtype: torch.dtype) -> None:
+    """Give each layer the checkpoint stores quantized its saved tensors, on device (see quantized_linear)."""
+    groups = {}  # see quantized_layers.share_input
+    for layer in tqdm(checkpoint.quantized_layers(), desc="Loading quantized layers", unit="layer", leave=False):
+        linear = model.get_submodule(layer.name)
+        quantized = quantized_linear(layer.tensors, linear.in_features, linear.out_features, cfg, device, dtype)
+        share_input(layer.name, quantized, groups)
+        set_submodule(model, layer.name, quantized)
+        del layer
+        return_freed_host_memory()
+
+
 def is_block_linear(name: str) -> bool:
     return name.startswith("layers.") and (".attention.w" in name or ".feed_forward.w" in name)
 
@@ -43,12 +74,18 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch.device, dtype: torch.dtype,
                linear_hook: LinearHook | None = None, total: int | None = None) -> None:
-    """Assign each tensor to its parameter (converted to dtype on device), freeing the source at once.
+    """Assign each tensor to its parameter still on the meta device (converted to dtype on device),
+    freeing the source at once; a tied head is skipped and tied after.
 
     Raises CheckpointError naming the file and key for an unknown name, a wrong shape, a tensor given
     twice, or parameters the checkpoint never provided.
     """
-    for item in checked_tensors(model, tensors, total):
+    # Parameters already on a device (layers restored quantized) are not expected again.
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters() if p.is_meta}
+    tied = frozenset({"output.weight"}) if model.args.tie_word_embeddings else frozenset()
+    for name in tied:
+        expected.pop(name, None)
+    for item in checked_tensors(tensors, expected, ignored=tied, total=total):
         module_path, _, attr = item.name.rpartition(".")
         module = model.get_submodule(module_path)
         replacement = None
@@ -63,39 +100,6 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
         return_freed_host_memory()
     if model.args.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
-
-
-def checked_tensors(model: Transformer, tensors: Iterable[NamedTensor], total: int | None = None
-                    ) -> Iterator[NamedTensor]:
-    """The tensors that fill model's parameters still on the meta device, each checked against the
-    model's configuration as it passes; a tied head is skipped.
-
-    Raises CheckpointError naming the file and key for an unknown name, a wrong shape or a tensor given
-    twice, and after the last tensor for parameters never provided.
-    """
-    # Parameters already on a device (layers restored from a pre-baked folder) are not expected again.
-    expected = {name: p for name, p in model.named_parameters() if p.is_meta}
-    if model.args.tie_word_embeddings:
-        expected.pop("output.weight", None)
-    seen: set[str] = set()
-    for item in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", leave=False):
-        name, source = item.name, item.source
-        if name == "output.weight" and model.args.tie_word_embeddings:
-            continue  # some exports save the tied head too; the embedding is the one kept
-        if name not in expected:
-            raise CheckpointError(f"{source}: unexpected tensor {name!r}")
-        if name in seen:
-            raise CheckpointError(f"{source}: tensor {name!r} appears twice")
-        want = tuple(expected[name].shape)
-        if tuple(item.tensor.shape) != want:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(item.tensor.shape)}, "
-                                  f"expected {want} from the model configuration")
-        seen.add(name)
-        yield item
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs: {missing[:8]}"
-                              + (" ..." if len(missing) > 8 else ""))
 
 
 def count_expected_tensors(args: ModelArgs) -> int:

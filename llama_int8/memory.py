@@ -10,7 +10,7 @@ import sys
 import torch
 from torch import nn
 
-from .quantize import quantization_state_tensors
+from .quantized_layers import quantization_state_tensors
 
 GiB = 1024**3
 MiB = 1024**2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_int8.checkpoint import META_SHARD_DIM
+from llama_int8.formats.meta import META_SHARD_DIM
 from llama_int8.demo import demo_gguf_path
 
 CORPUS = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
@@ -62,7 +62,7 @@ def write_hf_folder(model, folder: Path, sharded: bool = False, tokenizer: Path 
 
 def hf_to_meta_state(model) -> dict[str, torch.Tensor]:
     """The model's weights under Meta's names, q/k rows back in Meta's interleaved rotary layout."""
-    from llama_int8.checkpoint import hf_to_meta_name, unpermute_rotary_rows
+    from llama_int8.formats.common import hf_to_meta_name, unpermute_rotary_rows
 
     cfg = model.config
     state = {}

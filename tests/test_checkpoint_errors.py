@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_hf_model, write_hf_folder, write_meta_folder
 from llama_int8 import Llama
-from llama_int8.checkpoint import CheckpointError
+from llama_int8.formats import CheckpointError
 from llama_int8.tokenizer import TokenizerError
 
 

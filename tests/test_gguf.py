@@ -11,10 +11,11 @@ import torch
 
 from conftest import CORPUS, hf_to_meta_state, tiny_hf_model, write_hf_folder
 from llama_int8 import Llama
-from llama_int8.checkpoint import CheckpointError, hf_model_args, open_checkpoint
-from llama_int8.gguf_checkpoint import GGUFCheckpoint, gguf_tokenizer
+from llama_int8.formats import CheckpointError, open_checkpoint
+from llama_int8.formats.gguf_file import GGUFCheckpoint, gguf_tokenizer
+from llama_int8.formats.hf import hf_model_args
 from llama_int8.model import rope_inverse_frequencies
-from llama_int8.prebaked import write_prebaked
+from llama_int8.formats.prebaked import write_prebaked
 from llama_int8.quantize import parse_quant_mode
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
@@ -195,7 +196,7 @@ def test_tiny_gguf_matches_hf_folder(tmp_path, qtype, atol):
 
 def test_folder_with_one_gguf_opens_it(tmp_path):
     write_tiny_gguf(tmp_path / "model.gguf")
-    assert open_checkpoint(tmp_path).path == tmp_path / "model.gguf"
+    assert open_checkpoint(tmp_path).location == tmp_path / "model.gguf"
     write_tiny_gguf(tmp_path / "other.gguf")
     with pytest.raises(CheckpointError, match="2 GGUF files"):
         open_checkpoint(tmp_path)

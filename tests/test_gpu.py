@@ -8,7 +8,8 @@ import torch
 
 from conftest import tiny_hf_model, write_hf_folder
 from llama_int8 import Llama
-from llama_int8.quantize import parse_quant_mode, quantize_linear_on_host, quantized_weight_bytes
+from llama_int8.quantize import parse_quant_mode, quantized_weight_bytes
+from llama_int8.quantized_layers import quantize_linear_on_host
 
 pytestmark = pytest.mark.gpu
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_int8 import Llama, prebaked, quantize
-from llama_int8.checkpoint import CheckpointError, open_checkpoint
-from llama_int8.prebaked import FORMAT_VERSION, MANIFEST_NAME, read_manifest, write_prebaked
+from llama_int8 import Llama, quantize, quantized_layers
+from llama_int8.formats import CheckpointError, open_checkpoint, prebaked
+from llama_int8.formats.prebaked import FORMAT_VERSION, MANIFEST_NAME, read_manifest, write_prebaked
 from llama_int8.quantize import parse_quant_mode
 from conftest import tiny_hf_model, write_hf_folder, write_meta_folder
 
@@ -79,7 +79,7 @@ def test_prebaked_logits_are_bit_identical_to_quantizing_at_load(meta_source, tm
     assert not torch.equal(got, dense)  # quantization did happen
 
 
-@pytest.mark.skipif(not quantize.INT_MM_IS_FAST_ON_CPU, reason="the lean int8 forward needs AVX-512")
+@pytest.mark.skipif(not quantized_layers.INT_MM_IS_FAST_ON_CPU, reason="the lean int8 forward needs AVX-512")
 def test_prebaked_int8_layers_sharing_an_input_are_computed_as_one(baked_int8):
     model = Llama.build(baked_int8, max_seq_len=16, max_batch_size=1, device="cpu").model
     for block in model.layers:

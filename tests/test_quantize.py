@@ -19,14 +19,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_int8 import quantize
-from llama_int8.checkpoint import NamedTensor
-from llama_int8.loader import empty_model, fill_model
+from llama_int8 import quantize, quantized_layers
+from llama_int8.formats import NamedTensor
+from llama_int8.loader import fill_model
 from llama_int8.memory import weight_bytes
-from llama_int8.model import Linear, ModelArgs
-from llama_int8.quantize import (QUANT_MODES, QuantConfig, expected_quantized_tensors, make_linear_hook,
-                                 parse_quant_mode, quantize_linear_on_host, quantize_weight, quantized_layer_names,
-                                 quantized_linear, quantized_weight_bytes)
+from llama_int8.model import Linear, ModelArgs, empty_model
+from llama_int8.quantize import (QUANT_MODES, QuantConfig, expected_quantized_tensors, parse_quant_mode,
+                                 quantize_weight, quantized_layer_names, quantized_weight_bytes)
+from llama_int8.quantized_layers import make_linear_hook, quantize_linear_on_host, quantized_linear
 
 FOUR_BIT_MODES = ("nf4", "nf4-dq", "fp4", "fp4-dq")
 QUANTIZED_MODES = ("int8", *FOUR_BIT_MODES)
@@ -258,14 +258,14 @@ def quantized_tiny_model(cfg: QuantConfig, dtype: torch.dtype = torch.bfloat16):
 def test_cpu_fast_forward_equals_bitsandbytes_forward(mode, threshold, dtype, rows):
     """The lean eval forwards on the CPU compute bitsandbytes' numbers bit for bit, outliers included."""
     w = torch.randn(256, 128, generator=torch.Generator().manual_seed(0)) * 0.02
-    layer = quantize.quantize_linear_on_host(w, parse_quant_mode(mode, threshold), "cpu", dtype)
+    layer = quantized_layers.quantize_linear_on_host(w, parse_quant_mode(mode, threshold), "cpu", dtype)
     x = torch.randn(1, rows, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
     x[..., 3] = 9.0  # an outlier feature, above LLM.int8()'s threshold
     with torch.inference_mode():
         assert torch.equal(layer(x), type(layer).forward(layer, x))
 
 
-@pytest.mark.skipif(not quantize.INT_MM_IS_FAST_ON_CPU, reason="the lean int8 forward needs AVX-512")
+@pytest.mark.skipif(not quantized_layers.INT_MM_IS_FAST_ON_CPU, reason="the lean int8 forward needs AVX-512")
 @pytest.mark.parametrize("threshold", [6.0, 0.05])  # 0.05: the normed activations here have outliers
 @pytest.mark.parametrize("batch, seq", [(1, 1), (2, 5)])
 def test_int8_layers_sharing_an_input_are_computed_as_one_and_match_bitsandbytes(threshold, batch, seq):

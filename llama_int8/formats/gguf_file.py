@@ -12,16 +12,16 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, NamedTensor, to_meta_name
-from .model import ModelArgs, rope_inverse_frequencies
-from .tokenizer import END_OF_TURN_TOKENS, FastTokenizer, Tokenizer, TokenizerError
+from ..model import ModelArgs, rope_inverse_frequencies
+from ..tokenizer import END_OF_TURN_TOKENS, FastTokenizer, Tokenizer, TokenizerError
+from .common import Checkpoint, CheckpointError, NamedTensor, to_meta_name
 
 log = logging.getLogger(__name__)
 
@@ -39,34 +39,29 @@ ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's rope scaling, stored as per-freq
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6
 
 
-@dataclass
 class GGUFCheckpoint(Checkpoint):
     """A GGUF file, parsed once: the reader serves the configuration, the tensors and the tokenizer."""
-    path: Path
-    reader: Any = field(repr=False)  # gguf.GGUFReader, memory-mapped
 
-    @property
-    def location(self) -> Path:
-        return self.path
+    format = "gguf"
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        try:
+            self.reader = GGUFReader(path)  # memory-mapped
+        except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
+            raise CheckpointError(f"{path}: cannot read this GGUF file ({type(e).__name__}: {e})") from e
+        self.location = path
+        self.args = gguf_model_args(self.reader, path)
 
     def tensors(self) -> Iterator[NamedTensor]:
-        return read_gguf_tensors(self.reader, self.path)
+        return read_gguf_tensors(self.reader, self.location)
 
     def tokenizer(self, tokenizer_path: str | Path | None = None) -> Tokenizer:
         """The given tokenizer, else the one rebuilt from the file's own vocabulary."""
         if tokenizer_path is not None:
             return super().tokenizer(tokenizer_path)
-        return gguf_tokenizer(self.reader, self.path)
-
-
-def open_gguf_checkpoint(path: Path) -> GGUFCheckpoint:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
-        raise CheckpointError(f"{path}: cannot read this GGUF file ({type(e).__name__}: {e})") from e
-    return GGUFCheckpoint(path.parent, "gguf", gguf_model_args(reader, path), path=path, reader=reader)
+        return gguf_tokenizer(self.reader, self.location)
 
 
 def metadata(reader, key: str, default: Any = None) -> Any:

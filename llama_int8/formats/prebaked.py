@@ -8,10 +8,11 @@ A folder holds:
                                  embedding, norms and head (unless quantized) in the source's dtype
     tokenizer files              copied from the source checkpoint
 
-The manifest is written last and the folder is renamed into place only when complete. Loading
-builds each quantized layer under the meta device and gives it the saved bytes through the function
-that builds layers quantized at load time, so both give bit-identical outputs; no 16-bit copy of a
-quantized layer is ever made.
+The manifest is written last and the folder is renamed into place only when complete. The reader
+checks the manifest against the model configuration and the shards' headers, then returns each
+quantized layer's saved tensors; the loader builds layers from them with the function that builds
+layers quantized at load time, so both give bit-identical outputs and no 16-bit copy of a quantized
+layer is ever made.
 """
 
 from __future__ import annotations
@@ -22,22 +23,21 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
-from .checkpoint import Checkpoint, CheckpointError, NamedTensor, open_safetensors, read_json, read_safetensors_tensor
-from .loader import checked_tensors, empty_model, fill_model, set_submodule
-from .model import ModelArgs, Transformer
-from .overlays import CheckpointStack
-from .quantize import (BITSANDBYTES_VERSION, QuantConfig, SharedInputGroup, check_packed_quant_state,
-                       expected_quantized_tensors, quantize_weight, quantized_layer_names, quantized_linear,
-                       share_input)
-from .tokenizer import find_tokenizer_file
+from ..model import ModelArgs, parameter_shapes
+from ..quantize import (BITSANDBYTES_VERSION, QuantConfig, check_packed_quant_state, expected_quantized_tensors,
+                        quantize_weight, quantized_layer_names)
+from ..tokenizer import find_tokenizer_file
+from ..version import __version__
+from .common import (Checkpoint, CheckpointError, NamedTensor, QuantizedLayer, checked_tensors, open_safetensors,
+                     read_json, read_safetensors_tensor)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,50 @@ class Manifest:
 def is_prebaked_folder(folder: Path) -> bool:
     """A manifest, or shards named like ours (a folder whose manifest went missing)."""
     return (folder / MANIFEST_NAME).exists() or any(folder.glob(f"{SHARD_PREFIX}*.safetensors"))
+
+
+class PrebakedCheckpoint(Checkpoint):
+    """A pre-baked folder: its quantized layers as bitsandbytes' tensors, then its 16-bit tensors."""
+
+    format = "prebaked"
+
+    def __init__(self, folder: Path):
+        self.manifest = read_manifest(folder)
+        self.location, self.args, self.quant = folder, self.manifest.args, self.manifest.quant
+
+    def quantized_layers(self) -> Iterator[QuantizedLayer]:
+        m = self.manifest
+        shapes = parameter_shapes(m.args)
+        by_layer = tensors_by_layer(m)
+        with self.open_shards() as read:
+            for layer in m.quantized_layers():
+                shard = m.folder / m.tensors[f"{layer}.weight"].shard
+                tensors = {name.removeprefix(f"{layer}."): read(name).tensor for name in by_layer[layer]}
+                if m.quant.is_4bit:
+                    # The packed state is JSON the manifest can only list, not describe: check it here,
+                    # where a mismatch would otherwise dequantize to wrong weights without an error.
+                    problem = check_packed_quant_state(tensors, *shapes[f"{layer}.weight"], m.quant)
+                    if problem:
+                        raise CheckpointError(f"{shard}: layer {layer}: {problem}")
+                yield QuantizedLayer(layer, tensors, str(shard))
+
+    def tensors(self) -> Iterator[NamedTensor]:
+        with self.open_shards() as read:
+            for name in tensors_by_layer(self.manifest).get(None, []):
+                yield read(name)
+
+    @contextmanager
+    def open_shards(self) -> Iterator[Callable[[str], NamedTensor]]:
+        """A reader of the manifest's tensors by name, its shards open until the block ends."""
+        m = self.manifest
+        with ExitStack() as stack:
+            handles = {s: stack.enter_context(open_safetensors(m.folder / s)) for s in m.shards}
+
+            def read(name: str) -> NamedTensor:
+                file = m.folder / m.tensors[name].shard
+                return NamedTensor(name, read_safetensors_tensor(handles[file.name], file, name), str(file))
+
+            yield read
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -123,21 +167,19 @@ def write_prebaked(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig
     out_dir is refused (FileExistsError) unless force, and is then replaced only after success.
     """
     out = Path(out_dir)
-    if checkpoint.format == "prebaked":
-        raise ValueError(f"{checkpoint.folder} is already pre-baked")
+    if checkpoint.quant is not None:
+        raise ValueError(f"{checkpoint.location} is already pre-baked or quantized ({checkpoint.quant.name})")
     if not cfg.enabled:
         raise ValueError("quant 'none' leaves nothing to pre-bake; choose int8, nf4, nf4-dq, fp4 or fp4-dq")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    if out.resolve() == checkpoint.folder.resolve():
+    if out.resolve() == checkpoint.location.resolve():
         raise ValueError(f"{out}: the output folder cannot be the source checkpoint folder")
     if cfg.quantize_head and checkpoint.args.tie_word_embeddings:
-        log.warning("%s ties the head to the embedding: the head is kept 16-bit", checkpoint.folder)
+        log.warning("%s ties the head to the embedding: the head is kept 16-bit", checkpoint.location)
         cfg = replace(cfg, quantize_head=False)
-    from . import __version__  # here: the package imports this module while it initializes
-
     from_gguf = checkpoint.format == "gguf" and tokenizer_path is None  # the tokenizer is inside the file
-    tokenizer = checkpoint.path if from_gguf else find_tokenizer_file(checkpoint.folder, tokenizer_path)
+    tokenizer = checkpoint.location if from_gguf else find_tokenizer_file(checkpoint.folder, tokenizer_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
@@ -150,7 +192,7 @@ def write_prebaked(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "quant": cfg.to_dict(),
             "model": asdict(checkpoint.args),
-            "source": source_record(checkpoint, tokenizer),
+            "source": {**checkpoint.record(), "tokenizer": str(tokenizer.resolve())},
             "tool": {"name": "llama_int8", "version": __version__, "bitsandbytes": BITSANDBYTES_VERSION,
                      "torch": torch.__version__},
             "tensors": {name: {"shard": e.shard, "dtype": e.dtype, "shape": list(e.shape)}
@@ -166,22 +208,13 @@ def write_prebaked(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig
     return out
 
 
-def source_record(checkpoint: Checkpoint, tokenizer: Path) -> dict:
-    """Where the weights came from; for a stack, every folder in the order it was merged."""
-    record = {"path": str(checkpoint.folder.resolve()), "format": checkpoint.format,
-              "tokenizer": str(tokenizer.resolve())}
-    if isinstance(checkpoint, CheckpointStack):
-        record["stack"] = checkpoint.record()
-    return record
-
-
 def write_quantized_shards(checkpoint: Checkpoint, cfg: QuantConfig, folder: Path, shard_bytes: int
                            ) -> dict[str, TensorEntry]:
     """Stream the checkpoint through the loader's checks, quantizing the layers cfg names."""
-    model = empty_model(checkpoint.args)  # meta: only the expected names and shapes
     quantized = {f"{path}.weight" for path in quantized_layer_names(checkpoint.args.n_layers, cfg.quantize_head)}
     writer = ShardWriter(folder, shard_bytes)
-    for item in checked_tensors(model, checkpoint.tensors()):
+    tied = frozenset({"output.weight"}) if checkpoint.args.tie_word_embeddings else frozenset()
+    for item in checked_tensors(checkpoint.tensors(), parameter_shapes(checkpoint.args), ignored=tied):
         if item.name in quantized:
             module_path = item.name.removesuffix(".weight")
             for key, value in quantize_weight(item.tensor, cfg).items():
@@ -274,11 +307,11 @@ def read_manifest(folder: str | Path) -> Manifest:
 def check_manifest_against_config(manifest: Manifest, path: Path) -> None:
     """Every quantized layer the config implies is listed with the tensors and shapes its mode makes,
     and every other tensor is a parameter of the model with the configuration's shape."""
-    model = empty_model(manifest.args)
+    shapes = parameter_shapes(manifest.args)
     by_layer = tensors_by_layer(manifest)
     for layer in manifest.quantized_layers():
-        linear = model.get_submodule(layer)
-        want = expected_quantized_tensors(linear.out_features, linear.in_features, manifest.quant)
+        out_features, in_features = shapes[f"{layer}.weight"]
+        want = expected_quantized_tensors(out_features, in_features, manifest.quant)
         listed = {k.removeprefix(f"{layer}."): manifest.tensors[k] for k in by_layer.get(layer, [])}
         if set(listed) != set(want):
             raise CheckpointError(f"{path}: {layer} should have tensors {sorted(want)} for {manifest.quant.name}, "
@@ -288,16 +321,15 @@ def check_manifest_against_config(manifest: Manifest, path: Path) -> None:
             if entry.dtype != dtype_name(dtype) or (shape is not None and entry.shape != shape):
                 raise CheckpointError(f"{path}: {layer}.{key} is {entry.dtype} {list(entry.shape)}, expected "
                                       f"{dtype_name(dtype)} {list(shape) if shape else '[...]'} for a "
-                                      f"{linear.out_features}x{linear.in_features} {manifest.quant.name} layer")
-    params = dict(model.named_parameters())
+                                      f"{out_features}x{in_features} {manifest.quant.name} layer")
     for name in by_layer.get(None, []):
         entry = manifest.tensors[name]
-        if name not in params or (name == "output.weight" and manifest.args.tie_word_embeddings):
+        if name not in shapes:
             raise CheckpointError(f"{path}: lists {name!r}, which is not a 16-bit parameter of this model "
                                   f"with {manifest.quant.name} layers")
-        if entry.shape != tuple(params[name].shape):
+        if entry.shape != shapes[name]:
             raise CheckpointError(f"{path}: {name!r} has shape {list(entry.shape)}, expected "
-                                  f"{list(params[name].shape)} from the model configuration")
+                                  f"{list(shapes[name])} from the model configuration")
 
 
 def tensors_by_layer(manifest: Manifest) -> dict[str | None, list[str]]:
@@ -341,40 +373,3 @@ SAFETENSORS_DTYPES = {"I8": "int8", "U8": "uint8", "F32": "float32", "F16": "flo
 
 def safetensors_dtype_name(code: str) -> str:
     return SAFETENSORS_DTYPES.get(code, code)
-
-
-def prebaked_model_args(folder: Path) -> ModelArgs:
-    return read_manifest(folder).args
-
-
-def load_prebaked(model: Transformer, folder: str | Path, device: torch.device, dtype: torch.dtype,
-                  int8_threshold: float | None = None) -> QuantConfig:
-    """Fill a meta-device model from a pre-baked folder; returns the folder's QuantConfig (with
-    int8_threshold, when given, replacing the one it was baked with)."""
-    manifest = read_manifest(folder)
-    cfg = manifest.quant if int8_threshold is None else replace(manifest.quant, int8_threshold=float(int8_threshold))
-    by_layer = tensors_by_layer(manifest)
-    groups: dict[str, SharedInputGroup] = {}  # see quantize.share_input
-    with ExitStack() as stack:
-        handles = {s: stack.enter_context(open_safetensors(manifest.folder / s)) for s in manifest.shards}
-
-        def read(name: str) -> NamedTensor:
-            file = manifest.folder / manifest.tensors[name].shard
-            return NamedTensor(name, read_safetensors_tensor(handles[file.name], file, name), str(file))
-
-        for layer in tqdm(manifest.quantized_layers(), desc="Loading quantized layers", unit="layer", leave=False):
-            linear = model.get_submodule(layer)
-            tensors = {name.removeprefix(f"{layer}."): read(name).tensor for name in by_layer[layer]}
-            if cfg.is_4bit:
-                # The packed state is JSON the manifest can only list, not describe: check it here,
-                # where a mismatch would otherwise dequantize to wrong weights without an error.
-                problem = check_packed_quant_state(tensors, linear.out_features, linear.in_features, cfg)
-                if problem:
-                    shard = manifest.folder / manifest.tensors[f"{layer}.weight"].shard
-                    raise CheckpointError(f"{shard}: layer {layer}: {problem}")
-            quantized = quantized_linear(tensors, linear.in_features, linear.out_features, cfg, device, dtype)
-            share_input(layer, quantized, groups)
-            set_submodule(model, layer, quantized)
-            del tensors
-        fill_model(model, (read(name) for name in by_layer.get(None, [])), device, dtype)
-    return cfg

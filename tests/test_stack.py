@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from conftest import hf_to_meta_state, tiny_hf_model, write_hf_folder, write_meta_folder
 from llama_int8 import Llama
-from llama_int8.checkpoint import CheckpointError
-from llama_int8.model import ModelArgs
-from llama_int8.overlays import CheckpointStack, model_parameter_shapes, open_stack, resolve_name
+from llama_int8.formats import CheckpointError, open_checkpoint
+from llama_int8.model import ModelArgs, parameter_shapes
+from llama_int8.formats.stack import CheckpointStack, resolve_name
 
 GQA = dict(num_key_value_heads=2)  # k has fewer heads than q: its rows are un-permuted per k/v head
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -176,14 +176,14 @@ def test_int8_quantizes_the_merged_weights(tmp_path, sp_model):
 
 
 def test_prebaked_manifest_lists_every_folder(tmp_path, sp_model):
-    from llama_int8.prebaked import read_json, write_prebaked
+    from llama_int8.formats.prebaked import read_json, write_prebaked
     from llama_int8.quantize import parse_quant_mode
 
     base = tiny_hf_model(seed=0)
     base_dir = write_hf_folder(base, tmp_path / "base", tokenizer=sp_model)
     make_peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
     delta = write_state(tmp_path / "delta", {"model.norm.weight": torch.full((64,), 0.5)})
-    out = write_prebaked(open_stack([base_dir, tmp_path / "adapter"], delta=[delta]), tmp_path / "baked",
+    out = write_prebaked(open_checkpoint([base_dir, tmp_path / "adapter"], delta=[delta]), tmp_path / "baked",
                          parse_quant_mode("int8"))
     stack = read_json(out / "manifest.json")["source"]["stack"]
     assert [(Path(s["path"]).name, s["kind"]) for s in stack] == [("base", "base"), ("adapter", "lora"),
@@ -193,9 +193,9 @@ def test_prebaked_manifest_lists_every_folder(tmp_path, sp_model):
 def test_cli_list_forms(base_dir, tmp_path):
     overlay = write_state(tmp_path / "o", {"model.norm.weight": torch.zeros(64)})
     for form in (f"[{base_dir},{overlay}]", f"{base_dir},{overlay}", (str(base_dir), str(overlay))):
-        stack = open_stack(form)
+        stack = open_checkpoint(form)
         assert isinstance(stack, CheckpointStack) and [o.folder for o in stack.overlays] == [overlay]
-    assert not isinstance(open_stack(str(base_dir)), CheckpointStack)
+    assert not isinstance(open_checkpoint(str(base_dir)), CheckpointStack)
 
 
 # --- Names -------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_cli_list_forms(base_dir, tmp_path):
     ("layers.0.attention.wq.bias", None),
 ])
 def test_resolve_name(key, want):
-    params = model_parameter_shapes(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, hidden_dim=96))
+    params = parameter_shapes(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, hidden_dim=96))
     assert resolve_name(key, params) == want
 
 
@@ -237,7 +237,7 @@ def q_lora(layer: int = 0) -> dict[str, torch.Tensor]:
 
 def test_shape_mismatch_names_the_tensor_and_both_files(base_dir, tmp_path):
     overlay = write_state(tmp_path / "bad", {"model.layers.1.self_attn.v_proj.weight": torch.zeros(64, 64)})
-    stack = open_stack([base_dir, overlay])
+    stack = open_checkpoint([base_dir, overlay])
     with pytest.raises(CheckpointError, match=r"layers\.1\.attention\.wv\.weight") as err:
         for _ in stack.tensors():
             pass
@@ -250,51 +250,51 @@ def test_overlay_keys_matching_nothing_are_listed(base_dir, tmp_path):
                                                  "vision_tower.proj.weight": torch.zeros(2),
                                                  "model.norm.weight": torch.zeros(64)})
     with pytest.raises(CheckpointError, match=r"2 tensors match no parameter.*fc1.*vision_tower"):
-        open_stack([base_dir, overlay])
+        open_checkpoint([base_dir, overlay])
 
 
 def test_adapter_targets_that_do_not_exist(base_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"target_modules \['fc1'\]"):
-        open_stack([base_dir, write_adapter(tmp_path / "a", q_lora(), target_modules=["q_proj", "fc1"])])
+        open_checkpoint([base_dir, write_adapter(tmp_path / "a", q_lora(), target_modules=["q_proj", "fc1"])])
     with pytest.raises(CheckpointError, match=r"do not exist in the base model.*layers\.5\.self_attn\.q_proj"):
-        open_stack([base_dir, write_adapter(tmp_path / "b", {**q_lora(0), **q_lora(5)})])
+        open_checkpoint([base_dir, write_adapter(tmp_path / "b", {**q_lora(0), **q_lora(5)})])
 
 
 @pytest.mark.parametrize("setting", [{"use_dora": True}, {"bias": "all"}, {"peft_type": "IA3"}])
 def test_unmergeable_adapters_are_refused(setting, base_dir, tmp_path):
     key = next(iter(setting))
     with pytest.raises(CheckpointError, match=key):
-        open_stack([base_dir, write_adapter(tmp_path / "a", q_lora(), **setting)])
+        open_checkpoint([base_dir, write_adapter(tmp_path / "a", q_lora(), **setting)])
 
 
 def test_adapter_rank_must_match_its_config(base_dir, tmp_path):
     with pytest.raises(CheckpointError, match="rank 2.*r=8"):
-        open_stack([base_dir, write_adapter(tmp_path / "a", q_lora(), r=8)])
+        open_checkpoint([base_dir, write_adapter(tmp_path / "a", q_lora(), r=8)])
 
 
 def test_delta_or_adapter_without_a_base(base_dir, tmp_path):
     delta = write_state(tmp_path / "delta", {"model.norm.weight": torch.zeros(64)})
     with pytest.raises(CheckpointError, match="without a base"):
-        open_stack([], delta=[delta])
+        open_checkpoint([], delta=[delta])
     (delta / "overlay.json").write_text(json.dumps({"kind": "delta"}))
     with pytest.raises(CheckpointError, match="needs a base"):
-        open_stack([delta, base_dir])
+        open_checkpoint([delta, base_dir])
     with pytest.raises(CheckpointError, match="needs a base"):
-        open_stack([write_adapter(tmp_path / "a", q_lora()), base_dir])
+        open_checkpoint([write_adapter(tmp_path / "a", q_lora()), base_dir])
 
 
 def test_bad_manifests_and_configs(base_dir, tmp_path):
     overlay = write_state(tmp_path / "o", {"model.norm.weight": torch.zeros(64)})
     (overlay / "overlay.json").write_text(json.dumps({"kind": "sum"}))
     with pytest.raises(CheckpointError, match="overlay.json"):
-        open_stack([base_dir, overlay])
+        open_checkpoint([base_dir, overlay])
     (overlay / "overlay.json").write_text(json.dumps({"kind": "override"}))
     with pytest.raises(CheckpointError, match="passed as a delta"):
-        open_stack([base_dir], delta=[overlay])
+        open_checkpoint([base_dir], delta=[overlay])
     (overlay / "overlay.json").unlink()
     (overlay / "params.json").write_text(json.dumps({"dim": 128, "n_layers": 2, "n_heads": 4, "vocab_size": 128}))
     with pytest.raises(CheckpointError, match=r"does not match the base.*dim=128"):
-        open_stack([base_dir, overlay])
+        open_checkpoint([base_dir, overlay])
 
 
 def test_prebaked_folders_cannot_be_stacked(base_dir, tmp_path):
@@ -302,4 +302,4 @@ def test_prebaked_folders_cannot_be_stacked(base_dir, tmp_path):
     baked.mkdir()
     (baked / "manifest.json").write_text("{}")
     with pytest.raises(CheckpointError, match="pre-baked"):
-        open_stack([base_dir, baked])
+        open_checkpoint([base_dir, baked])

@@ -3,7 +3,7 @@
     Llama.build(ckpt_dir=["llama-2-7b", "my-finetune"])            # later folders replace tensors
     Llama.build(ckpt_dir=["llama-7b"], delta=["vicuna-7b-delta"])  # base + delta, Vicuna-style
     Llama.build(ckpt_dir=["llama-2-7b", "my-lora-adapter"])        # PEFT LoRA merged: W + scale * B @ A
-    python example.py --ckpt_dir '[llama-2-7b,my-finetune]'        # fire's list syntax (or a,b)
+    python example.py --ckpt_dir '[llama-2-7b,my-finetune]'        # or llama-2-7b,my-finetune
     python example.py --ckpt_dir llama-7b --delta vicuna-7b-delta
     python quantize_offline.py --ckpt_dir '[llama-2-7b,my-lora]' --out_dir merged-int8
 
@@ -44,11 +44,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (Checkpoint, CheckpointError, NamedTensor, hf_model_args, hf_to_meta_name, load_meta_shard,
-                         merge_meta_shards, meta_model_args, open_checkpoint, open_safetensors, read_json,
-                         read_safetensors_tensor, unpermute_rotary_rows)
-from .loader import empty_model
-from .model import ModelArgs
+from ..model import ModelArgs, parameter_shapes
+from .common import (Checkpoint, CheckpointError, NamedTensor, hf_to_meta_name, open_safetensors, read_json,
+                     read_safetensors_tensor, unpermute_rotary_rows)
+from .detect import open_single_checkpoint
+from .hf import hf_model_args
+from .meta import load_meta_shard, merge_meta_shards, meta_model_args
+from .prebaked import is_prebaked_folder
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +93,13 @@ class Overlay:
         return {"path": str(self.folder.resolve()), "kind": self.kind}
 
 
-@dataclass
 class CheckpointStack(Checkpoint):
-    """A base checkpoint and the overlays merged into its tensors as they stream past."""
-    base: Checkpoint
-    overlays: list[Overlay]
+    """A base checkpoint and the overlays merged into its tensors as they stream past; its
+    configuration is the base's, or the last overlay's that has one."""
+
+    def __init__(self, base: Checkpoint, overlays: list[Overlay], args: ModelArgs):
+        self.base, self.overlays, self.args = base, overlays, args
+        self.format, self.location = base.format, base.location
 
     def tensors(self) -> Iterator[NamedTensor]:
         changes: dict[str, list[OverlayEntry]] = {}
@@ -107,10 +111,10 @@ class CheckpointStack(Checkpoint):
             yield merge_tensor(item, entries) if entries else item
             del item  # a replaced or merged base tensor is freed before the next one is read
 
-    def record(self) -> list[dict]:
-        """The folders of the stack in the order they are applied, for a pre-baked manifest."""
-        base = {"path": str(self.base.folder.resolve()), "kind": "base", "format": self.base.format}
-        return [base] + [o.record() for o in self.overlays]
+    def record(self) -> dict:
+        """The base, and every folder of the stack in the order they are applied."""
+        base = {**self.base.record(), "kind": "base"}
+        return {**self.base.record(), "stack": [base] + [o.record() for o in self.overlays]}
 
 
 def merge_tensor(item: NamedTensor, entries: list[OverlayEntry]) -> NamedTensor:
@@ -139,7 +143,7 @@ def merge_tensor(item: NamedTensor, entries: list[OverlayEntry]) -> NamedTensor:
 
 def as_folder_list(value: str | Path | Sequence[str | Path] | None, argument: str) -> list[Path]:
     """Folders from a path, a sequence of paths, or a string "a,b" / "[a,b]" naming no existing path
-    (fire passes a list with slashes in it, --ckpt_dir '[dir/a,dir/b]', on as that string)."""
+    (as a command line passes --ckpt_dir '[dir/a,dir/b]')."""
     if value is None:
         return []
     if isinstance(value, str) and not Path(value).exists() and "," in value:
@@ -151,12 +155,13 @@ def as_folder_list(value: str | Path | Sequence[str | Path] | None, argument: st
     return [Path(v) for v in value]
 
 
-def open_stack(ckpt_dir: str | Path | Sequence[str | Path],
-               delta: str | Path | Sequence[str | Path] | None = None) -> Checkpoint:
-    """The checkpoint of ckpt_dir's first folder with the later folders and then the delta folders
-    merged into it in order; a single folder is returned as open_checkpoint gives it.
+def open_checkpoint(ckpt_dir: str | Path | Sequence[str | Path],
+                    delta: str | Path | Sequence[str | Path] | None = None) -> Checkpoint:
+    """The checkpoint at ckpt_dir: one folder or .gguf file of any format, or a stack (several paths,
+    or "a,b" / "[a,b]"): the first folder with the later folders and then the delta folders merged
+    into it in order.
 
-    Raises CheckpointError naming the folder, file or key when a folder cannot be stacked.
+    Raises CheckpointError naming the folder, file or key when something cannot be read or stacked.
     """
     folders, deltas = as_folder_list(ckpt_dir, "ckpt_dir"), as_folder_list(delta, "delta")
     if not folders:
@@ -165,13 +170,13 @@ def open_stack(ckpt_dir: str | Path | Sequence[str | Path],
     base_folder, overlay_folders = folders[0], folders[1:]
     check_base_folder(base_folder)
     if not overlay_folders and not deltas:
-        return open_checkpoint(base_folder)
-    base = open_checkpoint(base_folder)
+        return open_single_checkpoint(base_folder)
+    base = open_single_checkpoint(base_folder)
     if base.format not in ("meta", "hf"):
         raise CheckpointError(f"{base_folder}: a {base.format} checkpoint holds quantized layers and cannot be the "
                               "base of a stack; stack the 16-bit Meta or Hugging Face checkpoints (and quantize the "
                               "result with quantize_offline.py)")
-    args, params = base.args, model_parameter_shapes(base.args)
+    args, params = base.args, parameter_shapes(base.args)
     overlays = []
     for folder, forced_delta in [(f, False) for f in overlay_folders] + [(f, True) for f in deltas]:
         overlay, folder_args = open_overlay(folder, base.args, params, forced_delta)
@@ -179,7 +184,7 @@ def open_stack(ckpt_dir: str | Path | Sequence[str | Path],
             args = settings_from(folder_args, args, folder)
         overlays.append(overlay)
         log.info("Stacking %s onto %s: %s, %d tensors", folder, base_folder, overlay.kind, len(overlay.entries))
-    return CheckpointStack(base.folder, base.format, args, base, overlays)
+    return CheckpointStack(base, overlays, args)
 
 
 def check_base_folder(folder: Path) -> None:
@@ -189,15 +194,6 @@ def check_base_folder(folder: Path) -> None:
     if folder.is_dir() and overlay_manifest_kind(folder) == "delta":
         raise CheckpointError(f"{folder}: {MANIFEST_NAME} marks this folder a delta, which needs a base checkpoint "
                               "before it in ckpt_dir")
-
-
-def model_parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """The shape of every parameter a checkpoint provides (a tied head is the embedding's)."""
-    model = empty_model(args)  # on the meta device: names and shapes only
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    if args.tie_word_embeddings:
-        shapes.pop("output.weight", None)
-    return shapes
 
 
 def settings_from(folder_args: ModelArgs, args: ModelArgs, folder: Path) -> ModelArgs:
@@ -228,8 +224,6 @@ def overlay_manifest_kind(folder: Path) -> str | None:
 def open_overlay(folder: Path, base: ModelArgs, params: dict[str, tuple[int, ...]], forced_delta: bool
                  ) -> tuple[Overlay, ModelArgs | None]:
     """Index an overlay folder's tensors by Meta name; also returns its own config, when it has one."""
-    from .prebaked import is_prebaked_folder  # imported here: prebaked imports this module
-
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: overlay folder does not exist" + (
             "; GGUF files hold quantized layers and cannot be stacked" if folder.suffix == ".gguf" else ""))

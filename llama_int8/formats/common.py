@@ -1,0 +1,193 @@
+"""The vocabulary every checkpoint format shares: the `Checkpoint` interface, named tensors, errors,
+Hugging Face <-> Meta tensor names, the rotary row permutation, and safe JSON and safetensors reads.
+
+Imports no other format: each format module builds on this one, and only `formats.detect` and
+`formats.stack` know about more than one format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from ..model import ModelArgs
+from ..tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
+
+if TYPE_CHECKING:
+    from ..quantize import QuantConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed or does not match the model it describes."""
+
+
+@dataclass
+class NamedTensor:
+    name: str  # Meta's parameter name, e.g. "layers.0.attention.wq.weight"
+    tensor: torch.Tensor
+    source: str  # the file it came from, for error messages
+
+
+@dataclass
+class QuantizedLayer:
+    """One linear layer stored already quantized: bitsandbytes' state-dict tensors of the layer."""
+    name: str  # Meta's module path, e.g. "layers.0.attention.wq"
+    tensors: dict[str, torch.Tensor]  # "weight", "SCB" / "weight.absmax", ...
+    source: str
+
+
+class Checkpoint(ABC):
+    """A checkpoint on disk as the loader sees it: a configuration, then its tensors one at a time.
+
+    format: "meta", "hf", "gguf" or "prebaked" (a stack reports its base's).
+    location: what messages call it: its folder, or its file for single-file formats.
+    quant: the mode its layers were quantized in, or None for 16/32-bit weights.
+    """
+
+    format: str
+    location: Path
+    args: ModelArgs
+    quant: QuantConfig | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The folder that holds the checkpoint (where its tokenizer is looked for)."""
+        return self.location if self.location.is_dir() else self.location.parent
+
+    @abstractmethod
+    def tensors(self) -> Iterator[NamedTensor]:
+        """The floating-point tensors under Meta's names, one at a time (for a pre-quantized
+        checkpoint, those that are not part of a quantized layer)."""
+
+    def quantized_layers(self) -> Iterator[QuantizedLayer]:
+        """The layers stored quantized (none unless `quant` is set)."""
+        return iter(())
+
+    def tokenizer(self, tokenizer_path: str | Path | None = None) -> Tokenizer:
+        """The given tokenizer, else the one found with the checkpoint (see find_tokenizer_file)."""
+        return load_tokenizer(find_tokenizer_file(self.folder, tokenizer_path))
+
+    def record(self) -> dict:
+        """Where the weights come from, for a pre-baked manifest."""
+        return {"path": str(self.location.resolve()), "format": self.format}
+
+
+def checked_tensors(tensors: Iterable[NamedTensor], expected: dict[str, tuple[int, ...]],
+                    ignored: frozenset[str] = frozenset(), total: int | None = None) -> Iterator[NamedTensor]:
+    """The tensors, each checked as it passes against the shapes expected by name; names in ignored
+    (a tied head some exports save) are dropped.
+
+    Raises CheckpointError naming the file and key for an unknown name, a wrong shape or a tensor given
+    twice, and after the last tensor for expected names never provided.
+    """
+    seen: set[str] = set()
+    for item in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", leave=False):
+        name, source = item.name, item.source
+        if name in ignored:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r}")
+        if name in seen:
+            raise CheckpointError(f"{source}: tensor {name!r} appears twice")
+        if tuple(item.tensor.shape) != expected[name]:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(item.tensor.shape)}, "
+                                  f"expected {expected[name]} from the model configuration")
+        seen.add(name)
+        yield item
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs: {missing[:8]}"
+                              + (" ..." if len(missing) > 8 else ""))
+
+
+# --- Names -----------------------------------------------------------------------------------------
+
+HF_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+}
+HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+                "lm_head.weight": "output.weight"}
+HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+META_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+
+
+def to_meta_name(key: str, top_names: dict[str, str], layer_key: re.Pattern, layer_names: dict[str, str]
+                 ) -> str | None:
+    """Meta's name for a tensor of another naming scheme (None for a name it does not know):
+    top_names maps whole names; layer_key matches a block tensor as (layer index, part)."""
+    if key in top_names:
+        return top_names[key]
+    m = layer_key.fullmatch(key)
+    if m and m.group(2) in layer_names:
+        return f"layers.{m.group(1)}.{layer_names[m.group(2)]}.weight"
+    return None
+
+
+def hf_to_meta_name(key: str) -> str | None:
+    return to_meta_name(key, HF_TOP_NAMES, HF_LAYER_KEY, HF_LAYER_NAMES)
+
+
+def meta_to_hf_name(name: str) -> str:
+    """Hugging Face's name for a Meta parameter name (the inverse of hf_to_meta_name)."""
+    top = {meta: hf for hf, meta in HF_TOP_NAMES.items()}
+    layer = {meta: hf for hf, meta in HF_LAYER_NAMES.items()}
+    if name in top:
+        return top[name]
+    m = META_LAYER_KEY.fullmatch(name)
+    if m is None or m.group(2) not in layer:
+        raise KeyError(f"{name!r} is not a parameter name of a LLaMA model")
+    return f"model.layers.{m.group(1)}.{layer[m.group(2)]}.weight"
+
+
+# --- Rotary layout ---------------------------------------------------------------------------------
+# Meta rotates interleaved pairs of each head's dimensions (2i, 2i+1); Hugging Face's conversion
+# permutes the q/k rows so that its rotary can pair dimension i with i + head_dim/2 instead.
+
+def unpermute_rotary_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """q/k rows from Hugging Face's half-split rotary layout to Meta's interleaved one."""
+    rows, cols = w.shape
+    # [heads, 2 halves, head_dim/2, cols] -> [heads, head_dim/2, 2, cols]
+    return w.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_rotary_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """q/k rows from Meta's interleaved rotary layout to Hugging Face's half-split one."""
+    rows, cols = w.shape
+    # [heads, head_dim/2, 2, cols] -> [heads, 2 halves, head_dim/2, cols]
+    return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# --- Safe reads ------------------------------------------------------------------------------------
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def open_safetensors(path: Path):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read this safetensors file ({e})") from e
+
+
+def read_safetensors_tensor(handle, path: Path, key: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from e
