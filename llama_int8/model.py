@@ -9,6 +9,7 @@ quantizer swaps `Linear` modules from outside.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -118,13 +119,14 @@ def rope_tables(args: ModelArgs, seq_len: int, device: torch.device | str) -> to
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [b, s, h, d] by rotation [s, d/2] (complex, from rope_tables).
+    """Rotate interleaved pairs of x [b, s, h, d] by rotation [s, d/2], or [b, s, d/2] for rows at
+    different positions (complex, from rope_tables).
 
     Each pair (x0, x1) is the complex number x0 + i x1 multiplied by cos + i sin: one kernel on
     views of x, where separate real products and a stack cost several kernels and copies.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [b, s, h, d/2] complex
-    rotated = pairs * rotation[:, None, :]  # [s, 1, d/2] broadcast over heads
+    rotated = pairs * rotation.unsqueeze(-2)  # [(b,) s, 1, d/2] broadcast over heads
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # [b, s, h, d]
 
 
@@ -149,13 +151,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [b, kv_heads, s, d] at start_pos; return the keys and values of positions 0..start_pos+s-1."""
-        b, _, s, _ = k.shape
-        end = start_pos + s
-        self.k[:b, :, start_pos:end] = k
-        self.v[:b, :, start_pos:end] = v
-        return self.k[:b, :, :end], self.v[:b, :, :end]
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+               first_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [b, kv_heads, s, d] at start_pos in cache rows first_row..first_row+b-1; return
+        those rows' keys and values of positions 0..start_pos+s-1 (views, no copy)."""
+        rows = slice(first_row, first_row + k.shape[0])
+        end = start_pos + k.shape[2]
+        self.k[rows, :, start_pos:end] = k
+        self.v[rows, :, start_pos:end] = v
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
 
 class RollingKVCache(nn.Module):
@@ -174,28 +178,30 @@ class RollingKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [b, kv_heads, s, d] at start_pos; return the keys and values the block's queries see.
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+               first_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [b, kv_heads, s, d] at start_pos in cache rows first_row..first_row+b-1; return
+        the keys and values the block's queries see.
 
         One query: the whole filled ring (it sees every slot, in whatever order). A block: the window - 1
         positions before it, gathered in order, followed by the block itself; the block's last `window`
         entries then replace the oldest slots.
         """
-        b, _, s, _ = k.shape
-        w = self.window
+        rows = slice(first_row, first_row + k.shape[0])
+        s, w = k.shape[2], self.window
         if s == 1:
             slot = start_pos % w
-            self.k[:b, :, slot] = k[:, :, 0]
-            self.v[:b, :, slot] = v[:, :, 0]
+            self.k[rows, :, slot] = k[:, :, 0]
+            self.v[rows, :, slot] = v[:, :, 0]
             filled = min(start_pos + 1, w)
-            return self.k[:b, :, :filled], self.v[:b, :, :filled]
+            return self.k[rows, :, :filled], self.v[rows, :, :filled]
         past = torch.arange(max(0, start_pos - (w - 1)), start_pos, device=k.device) % w
-        keys = torch.cat((self.k[:b, :, past], k), dim=2)  # [b, kv_h, past + s, d]
-        values = torch.cat((self.v[:b, :, past], v), dim=2)
+        keys = torch.cat((self.k[rows, :, past], k), dim=2)  # [b, kv_h, past + s, d]
+        values = torch.cat((self.v[rows, :, past], v), dim=2)
         kept = min(s, w)  # a block longer than the window keeps only its last `window` entries
         slots = torch.arange(start_pos + s - kept, start_pos + s, device=k.device) % w
-        self.k[:b].index_copy_(2, slots, k[:, :, s - kept:])
-        self.v[:b].index_copy_(2, slots, v[:, :, s - kept:])
+        self.k[rows].index_copy_(2, slots, k[:, :, s - kept:])
+        self.v[rows].index_copy_(2, slots, v[:, :, s - kept:])
         return keys, values
 
 
@@ -222,8 +228,8 @@ def attention_mask(s: int, t: int, window: int | None, device: torch.device) -> 
     return visible
 
 
-# SDPA broadcasts key/value heads itself from torch 2.5 on, but only its unmasked kernels do so
-# efficiently (a mask with enable_gqa falls back to the math kernel): expand the heads when masked.
+# SDPA broadcasts key/value heads itself from torch 2.5 on (enable_gqa), but only its unmasked
+# kernels do so efficiently: a mask with enable_gqa falls back to the math kernel. See sdpa_attend.
 SDPA_HAS_GQA = torch.__version__ >= (2, 5)
 
 
@@ -233,24 +239,37 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
     s, t = q.shape[1], k.shape[2]
     if window is not None and t > window - 1 + s:  # keys older than the first query's window
         k, v = k[:, :, t - (window - 1 + s):], v[:, :, t - (window - 1 + s):]
-        t = window - 1 + s
     if backend == "flash":
         return flash_attend(q, k, v, window)
     q = q.transpose(1, 2)  # [b, h, s, d]
     groups = q.shape[1] // k.shape[1]
     if backend == "math":
         return math_attend(q, k, v, window, groups).transpose(1, 2)
-    # One query sees every key left (the window trimmed the rest); a block that starts the sequence
-    # is plain top-left causal, which SDPA's is_causal gets right only when s == t.
-    whole_prefix = s == t and (window is None or t <= window)
-    mask = None if s == 1 or whole_prefix else attention_mask(s, t, window, q.device)
-    gqa = groups > 1 and mask is None and SDPA_HAS_GQA
-    if groups > 1 and not gqa:
-        k = k.repeat_interleave(groups, dim=1)  # [b, h, t, d]
-        v = v.repeat_interleave(groups, dim=1)
-    extra = {"enable_gqa": True} if gqa else {}
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=whole_prefix and s > 1, **extra)
-    return out.transpose(1, 2)  # [b, s, h, d]
+    return sdpa_attend(q, k, v, window).transpose(1, 2)  # [b, s, h, d]
+
+
+def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """PyTorch's SDPA: q [b, h, s, d] over k, v [b, kv_h, t, d] -> [b, h, s, d].
+
+    A block that starts the sequence is plain top-left causal, which SDPA's is_causal gets right
+    only when s == t. Otherwise (one query, or a block after cached keys) the mask is explicit and
+    the query heads that share a key/value head are folded into its query rows, q viewed as
+    [b, kv_h, groups * s, d] with the mask repeated to match: the cached keys and values are read
+    as they are, never copied out to every head.
+    """
+    b, h, s, d = q.shape
+    kv_h, t = k.shape[1], k.shape[2]
+    groups = h // kv_h
+    if s == t and s > 1 and (window is None or t <= window):
+        if groups > 1 and not SDPA_HAS_GQA:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [b, h, t, d]
+        extra = {"enable_gqa": True} if groups > 1 and SDPA_HAS_GQA else {}
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
+    # One query sees every key left (the window trimmed the rest): no mask at all.
+    mask = None if s == 1 else attention_mask(s, t, window, q.device).repeat(groups, 1)  # [groups * s, t]
+    folded = q.reshape(b, kv_h, groups * s, d)  # query head j = kv head j // groups: rows (group, query)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)  # [b, kv_h, groups * s, d]
+    return out.reshape(b, h, s, d)  # [b, kv_h, groups * s, d] -> [b, h, s, d]
 
 
 def math_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
@@ -274,6 +293,19 @@ def flash_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int 
                            window_size=window_size)
 
 
+@dataclass(frozen=True)
+class RowPlaces:
+    """Where each row of a batch stands when the rows are not one block at one position, as a
+    continuous-batching scheduler runs them: the cache row each reads and writes, and the position
+    of its first token."""
+
+    cache_rows: tuple[int, ...]
+    starts: tuple[int, ...]
+
+    def advanced(self, n: int) -> RowPlaces:
+        return RowPlaces(self.cache_rows, tuple(p + n for p in self.starts))
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, backend: str):
         super().__init__()
@@ -286,14 +318,24 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: KVCache | RollingKVCache | None = None
 
-    def forward(self, x: torch.Tensor, start_pos: int, rotation: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, place: int | RowPlaces, rotation: torch.Tensor) -> torch.Tensor:
+        """x [b, s, dim] at one start position for rows 0..b-1 of the cache, or each row at its own place."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
-        keys, values = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), start_pos)  # [b, kv_h, t, d]
-        out = attend(q, keys, values, self.window, self.backend)  # [b, s, h, d]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv_h, s, d]
+        if isinstance(place, int):
+            keys, values = self.cache.update(k, v, place)  # [b, kv_h, t, d]
+            out = attend(q, keys, values, self.window, self.backend)  # [b, s, h, d]
+        else:
+            # Each row attends over exactly its own keys, alone: padding rows to one length, or
+            # running rows of equal length as one SDPA batch, changes how the sums round (measured
+            # on the CPU), and a request must get the same tokens whatever runs beside it.
+            out = torch.cat([attend(q[i:i + 1], *self.cache.update(k[i:i + 1], v[i:i + 1], start, row),
+                                    self.window, self.backend)
+                             for i, (row, start) in enumerate(zip(place.cache_rows, place.starts))])
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -318,8 +360,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rotation: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, rotation)
+    def forward(self, x: torch.Tensor, place: int | RowPlaces, rotation: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), place, rotation)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -366,20 +408,22 @@ class Transformer(nn.Module):
     def cache_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for layer in self.layers for b in layer.attention.cache.buffers())
 
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
+                cache_rows: Sequence[int] | None = None) -> torch.Tensor:
         """Logits (float32) for tokens [b, s] placed at positions start_pos..start_pos+s-1.
 
-        Returns [b, s, vocab], or [b, 1, vocab] for the last position when last_only is set. Blocks
-        longer than the prefill chunk run chunk by chunk, through the cache.
+        start_pos: one position for every row, or a tensor [b] of each row's own (rows of sequences
+        that stand at different places, as a continuous-batching scheduler runs them); each row
+        then sees exactly its own keys. cache_rows: the cache row each batch row reads and writes
+        (default 0..b-1). Returns [b, s, vocab], or [b, 1, vocab] for the last position when
+        last_only is set. Blocks longer than the prefill chunk run chunk by chunk, through the cache.
         """
         b, s = tokens.shape
-        if b > self.max_batch_size or start_pos + s > self.max_seq_len:
-            raise ValueError(f"{b} sequences up to position {start_pos + s} exceed the cache "
-                             f"({self.max_batch_size} x {self.max_seq_len}); call setup_caches with more")
+        place = self.place_rows(b, s, start_pos, cache_rows)
         chunk = self.prefill_chunk or s
         hidden: list[torch.Tensor] = []
         for i in range(0, s, chunk):
-            h = self.run_blocks(tokens[:, i:i + chunk], start_pos + i)
+            h = self.run_blocks(tokens[:, i:i + chunk], place + i if isinstance(place, int) else place.advanced(i))
             if last_only:  # the earlier chunks only fill the cache: keep nothing of theirs
                 hidden = [h[:, -1:]]
             else:
@@ -387,13 +431,38 @@ class Transformer(nn.Module):
         h = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=1)
         return self.output(self.norm(h)).float()
 
-    def run_blocks(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Hidden states [b, s, dim] after the last block, for tokens [b, s] at start_pos onwards."""
+    def place_rows(self, b: int, s: int, start_pos: int | torch.Tensor,
+                   cache_rows: Sequence[int] | None) -> int | RowPlaces:
+        """start_pos itself for the plain case (rows 0..b-1 at one position), else each row's
+        RowPlaces; refuses what the cache does not hold."""
+        if not isinstance(start_pos, torch.Tensor) and cache_rows is None:
+            if b > self.max_batch_size or start_pos + s > self.max_seq_len:
+                raise ValueError(f"{b} sequences up to position {start_pos + s} exceed the cache "
+                                 f"({self.max_batch_size} x {self.max_seq_len}); call setup_caches with more")
+            return start_pos
+        starts = start_pos.tolist() if isinstance(start_pos, torch.Tensor) else [start_pos] * b
+        rows = list(range(b)) if cache_rows is None else list(cache_rows)
+        if len(starts) != b or len(rows) != b:
+            raise ValueError(f"start_pos has {len(starts)} and cache_rows {len(rows)} entries for {b} rows; "
+                             "expected one per row")
+        if min(starts) < 0 or max(starts) + s > self.max_seq_len:
+            raise ValueError(f"rows at positions {starts} with {s} tokens each exceed the cache's "
+                             f"{self.max_seq_len} positions; call setup_caches with more")
+        if min(rows) < 0 or max(rows) >= self.max_batch_size:
+            raise ValueError(f"cache_rows {rows} exceed the cache's {self.max_batch_size} rows")
+        return RowPlaces(tuple(rows), tuple(starts))
+
+    def run_blocks(self, tokens: torch.Tensor, place: int | RowPlaces) -> torch.Tensor:
+        """Hidden states [b, s, dim] after the last block, for tokens [b, s] at place onwards."""
         s = tokens.shape[1]
         h = self.tok_embeddings(tokens)
-        rotation = self.rope[start_pos:start_pos + s]
+        if isinstance(place, int):
+            rotation = self.rope[place:place + s]  # [s, d/2]
+        else:
+            positions = torch.tensor(place.starts, device=tokens.device)[:, None] + torch.arange(s, device=tokens.device)
+            rotation = self.rope[positions]  # [b, s, d/2]
         for layer in self.layers:
-            h = layer(h, start_pos, rotation)
+            h = layer(h, place, rotation)
         return h
 
 

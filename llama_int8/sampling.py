@@ -1,9 +1,46 @@
 """Sampling steps as small pure functions on float32 logits [batch, vocab], applied in this order:
-repetition penalty, temperature, top-p. Temperature 0 is argmax."""
+repetition penalty, frequency and presence penalties, temperature, top-p. Temperature 0 is argmax.
+
+SamplingParams holds one request's settings; a scheduler that batches requests applies them row by
+row (see engine.py).
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its next token. The defaults are OpenAI's: temperature 1, no nucleus
+    cut, no penalty. seed None draws from a generator seeded at random."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0  # CTRL's, over the prompt and the generated tokens (transformers')
+    frequency_penalty: float = 0.0  # OpenAI's, over the generated tokens: minus this times the count
+    presence_penalty: float = 0.0  # OpenAI's, over the generated tokens: minus this once a token appeared
+
+    def __post_init__(self) -> None:
+        checks = {"temperature": self.temperature >= 0, "top_p": 0 < self.top_p <= 1,
+                  "repetition_penalty": self.repetition_penalty > 0,
+                  "frequency_penalty": -2 <= self.frequency_penalty <= 2,
+                  "presence_penalty": -2 <= self.presence_penalty <= 2}
+        expected = {"temperature": ">= 0", "top_p": "in (0, 1]", "repetition_penalty": "> 0",
+                    "frequency_penalty": "in [-2, 2]", "presence_penalty": "in [-2, 2]"}
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not (ok and math.isfinite(value)):
+                raise ValueError(f"{name}: expected a number {expected[name]}, got {value!r}")
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether a penalty needs the tokens seen so far."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -13,6 +50,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+def apply_frequency_presence_penalty(logits: torch.Tensor, counts: torch.Tensor, frequency: float,
+                                     presence: float) -> torch.Tensor:
+    """OpenAI's penalties: each token's logit minus frequency times the times it was generated
+    (counts [batch, vocab]), minus presence if it was generated at all."""
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    return logits - frequency * counts - presence * (counts > 0)
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -26,11 +72,25 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, repetition_penalty: float,
-                seen: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of each sequence, [batch], from last-position logits [batch, vocab]."""
+                seen: torch.Tensor | None, generator: torch.Generator | None, counts: torch.Tensor | None = None,
+                frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> torch.Tensor:
+    """The next token of each sequence, [batch], from last-position logits [batch, vocab]. seen
+    (bool) feeds the repetition penalty, counts (generated tokens) the frequency and presence ones."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if counts is not None:
+        logits = apply_frequency_presence_penalty(logits, counts, frequency_penalty, presence_penalty)
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     return sample_top_p(probs, top_p, generator)
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's own distribution (logits [batch, vocab], before any
+    penalty or temperature): of the chosen tokens [batch], and the n likeliest tokens' values and
+    ids, [batch, n] each."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    top_values, top_ids = logprobs.topk(n, dim=-1)
+    return logprobs.gather(-1, tokens[:, None]).squeeze(-1), top_values, top_ids

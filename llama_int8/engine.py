@@ -1,0 +1,424 @@
+"""Continuous batching: many requests share the model, each in a slot of its KV cache.
+
+The model's max_batch_size cache rows are the slots. A request waits in a bounded queue, takes the
+first free slot, has its prompt prefilled a chunk per step (interleaved with decode steps, so that a
+long new prompt does not freeze the streams already running), then decodes one token per step
+together with every other slot in one batched forward, each row at its own position. A finished or
+cancelled request frees its slot at once and the next waiting request takes it.
+
+Sampling is per request (sampling.SamplingParams, one generator each), applied row by row, and the
+generated tokens come back as text that never splits a character nor shows any part of a stop
+string (textstream.py), with log-probabilities on request.
+
+No HTTP here: the server (serve.py) and offline callers drive the same Engine, through `submit` and
+`step` (`EngineThread` runs the steps in the background), or all at once through `run`.
+
+Batch invariance: with greedy decoding (float32) a request gets the same tokens alone as among
+others. Each row attends over exactly its own keys, alone (model.Attention), and a decode step of
+one row runs it as a pair: the CPU's matrix kernels take another path for one row than for several
+(gemv against gemm), whose sums round differently, while 2 rows and more agree bit for bit (measured).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import Transformer
+from .sampling import SamplingParams, next_tokens, top_logprobs
+from .textstream import IncrementalDecoder, StopStringFilter
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Prompt tokens prefilled per step when the model sets no prefill chunk: long enough to keep the
+# matrix kernels efficient, short enough that a new prompt holds the running streams back for a
+# fraction of a second per step on a CPU.
+DEFAULT_PREFILL_CHUNK = 128
+DEFAULT_MAX_QUEUE = 64
+
+
+class QueueFull(RuntimeError):
+    """Every slot is taken and the waiting queue is full."""
+
+
+class ContextLengthExceeded(ValueError):
+    """The prompt and the tokens asked for do not fit in max_seq_len."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One completion to generate. max_tokens counts generated tokens (a stop token included);
+    stop_ids end the completion without being part of it, as do stop_strings (never shown).
+    logprobs: None for none, else how many likeliest alternatives to report with each token."""
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the likeliest alternatives'."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one step produced for one request: new text (safe to show), the new tokens of the
+    completion, their log-probabilities when asked, and finish_reason once it ended: "stop" (a stop
+    token or string), "length" (max_tokens), "cancelled" or "error"."""
+
+    text: str
+    tokens: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Completion:
+    """A whole completion, for callers that wait for the end (Engine.run)."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, out: Output) -> None:
+        self.text += out.text
+        self.tokens += out.tokens
+        self.logprobs += out.logprobs
+        self.finish_reason = out.finish_reason
+        self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+
+
+OnOutput = Callable[[Output], None]
+
+
+class Handle:
+    """A submitted request: cancel() it from any thread; its outputs go to on_output, called from
+    the thread that runs the steps, the last one with a finish_reason."""
+
+    def __init__(self, id: int, request: Request, on_output: OnOutput):
+        self.id = id  # in the order of submission
+        self.request = request
+        self.on_output = on_output
+        self.cancelled = False
+        self.submitted_at = time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancelled = True  # read by the stepping thread at its next step
+
+
+class ActiveRequest:
+    """A request in a slot: its tokens so far, how many are in the cache, and its sampling state."""
+
+    def __init__(self, handle: Handle, row: int, tokenizer: Tokenizer, vocab_size: int, device: torch.device):
+        request = handle.request
+        self.handle, self.request, self.row = handle, request, row
+        self.tokens = list(request.prompt)
+        self.n_prompt = len(self.tokens)
+        self.cached = 0  # tokens whose keys and values are in the cache row
+        self.generator = torch.Generator(device=device)
+        if request.sampling.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(request.sampling.seed)
+        self.seen: torch.Tensor | None = None  # bool [1, vocab]: prompt and generated tokens
+        self.counts: torch.Tensor | None = None  # [1, vocab]: generated tokens
+        if request.sampling.reads_history:
+            self.seen = torch.zeros((1, vocab_size), dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(self.tokens, device=device)] = True
+            self.counts = torch.zeros((1, vocab_size), dtype=torch.float32, device=device)
+        self.decoder = IncrementalDecoder(tokenizer, self.tokens)
+        self.stops = StopStringFilter(request.stop_strings)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.n_prompt
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < self.n_prompt
+
+    @property
+    def ready_to_decode(self) -> bool:
+        """Its last token is sampled and not yet in the cache."""
+        return not self.prefilling and self.cached == len(self.tokens) - 1
+
+
+class Engine:
+    """Continuous batching over a model whose caches are set up (model.setup_caches): its
+    max_batch_size rows are the slots. submit() and cancel() may be called from any thread;
+    step() from one thread at a time."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_queue: int = DEFAULT_MAX_QUEUE,
+                 prefill_chunk: int | None = None):
+        if model.max_batch_size < 1:
+            raise ValueError("the model has no cache: call model.setup_caches first")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk or model.prefill_chunk or DEFAULT_PREFILL_CHUNK
+        if model.prefill_chunk is not None:
+            self.prefill_chunk = min(self.prefill_chunk, model.prefill_chunk)
+        self.slots: list[ActiveRequest | None] = [None] * model.max_batch_size
+        self.waiting: deque[Handle] = deque()
+        self.lock = threading.Condition()  # guards waiting and closed; notified when work arrives
+        self.closed = False
+        self.ids = itertools.count()
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len
+
+    @property
+    def running(self) -> int:
+        """Requests in a slot."""
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self.waiting)
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError (ContextLengthExceeded for a prompt that does not fit) naming what is wrong."""
+        n = len(request.prompt)
+        if n == 0:
+            raise ValueError("prompt: expected at least one token, got none")
+        vocab = self.model.args.vocab_size
+        if min(request.prompt) < 0 or max(request.prompt) >= vocab:
+            raise ValueError(f"prompt: token ids must be in [0, {vocab}), got {min(request.prompt)}..{max(request.prompt)}")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens: expected >= 1, got {request.max_tokens}")
+        if n + request.max_tokens > self.max_seq_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
+                f"{n + request.max_tokens} tokens ({n} in the prompt, {request.max_tokens} in the completion). "
+                "Please reduce the length of the prompt or of the completion.")
+        if request.logprobs is not None and not 0 <= request.logprobs <= vocab:
+            raise ValueError(f"logprobs: expected 0..{vocab} alternatives, got {request.logprobs}")
+
+    def submit(self, requests: Sequence[Request], on_output: Callable[[int, Output], None]) -> list[Handle]:
+        """Queue requests, all or none; on_output(i, output) receives the outputs of requests[i].
+
+        Raises ValueError for a bad request, QueueFull when they do not all fit in the free slots
+        and the queue, RuntimeError once the engine is closed."""
+        for r in requests:
+            self.check(r)
+        with self.lock:
+            handles = [Handle(next(self.ids), r, lambda out, i=i: on_output(i, out)) for i, r in enumerate(requests)]
+            if self.closed:
+                raise RuntimeError("the engine is shutting down")
+            free = sum(s is None for s in self.slots)
+            if len(self.waiting) + len(handles) > self.max_queue + free:
+                raise QueueFull(f"{self.running} requests running and {len(self.waiting)} waiting: "
+                                f"the queue of {self.max_queue} is full; retry later")
+            self.waiting.extend(handles)
+            self.lock.notify_all()
+        return handles
+
+    def has_work(self) -> bool:
+        return self.running > 0 or len(self.waiting) > 0
+
+    def step(self) -> None:
+        """One scheduling step: free cancelled slots, fill free slots from the queue, prefill chunks
+        of up to prefill_chunk prompt tokens in all (oldest requests first), then decode one token
+        for every request ready to."""
+        self.drop_cancelled()
+        self.admit_waiting()
+        budget = self.prefill_chunk
+        for seq in sorted((s for s in self.slots if s is not None and s.prefilling), key=lambda s: s.handle.id):
+            # Whole chunks of the request's own prompt: where its chunks start must not depend on
+            # the requests beside it, or its logits would round differently.
+            n = min(self.prefill_chunk, seq.n_prompt - seq.cached)
+            if n > budget:
+                break
+            self.prefill(seq, n)
+            budget -= n
+        decoding = [s for s in self.slots if s is not None and s.ready_to_decode]
+        if decoding:
+            self.decode(decoding)
+
+    def drop_cancelled(self) -> None:
+        for seq in self.slots:
+            if seq is not None and seq.handle.cancelled:
+                self.finish(seq, "", "cancelled")
+        with self.lock:
+            cancelled = [h for h in self.waiting if h.cancelled]
+            for h in cancelled:
+                self.waiting.remove(h)
+        for h in cancelled:
+            h.on_output(Output("", (), (), "cancelled", len(h.request.prompt), 0))
+
+    def admit_waiting(self) -> None:
+        with self.lock:
+            for row, seq in enumerate(self.slots):
+                if seq is None and self.waiting:
+                    handle = self.waiting.popleft()
+                    self.slots[row] = ActiveRequest(handle, row, self.tokenizer, self.model.args.vocab_size,
+                                                self.model.device)
+
+    @torch.inference_mode()
+    def prefill(self, seq: ActiveRequest, n: int) -> None:
+        """Prefill the next n prompt tokens of seq (one forward); sample its first token after the last."""
+        chunk = torch.tensor([seq.tokens[seq.cached:seq.cached + n]], device=self.model.device)
+        logits = self.model(chunk, seq.cached, last_only=True, cache_rows=[seq.row])[:, -1]  # [1, vocab]
+        seq.cached += n
+        if not seq.prefilling:
+            self.advance([seq], logits)
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[ActiveRequest]) -> None:
+        # One row runs as a pair (see the module's docstring): the same kernel as any other batch.
+        rows = seqs if len(seqs) > 1 else seqs * 2
+        tokens = torch.tensor([[s.tokens[-1]] for s in rows], device=self.model.device)  # [b, 1]
+        positions = torch.tensor([s.cached for s in rows], device=self.model.device)
+        logits = self.model(tokens, positions, cache_rows=[s.row for s in rows])[:len(seqs), -1]  # [n, vocab]
+        for s in seqs:
+            s.cached += 1
+        self.advance(seqs, logits)
+
+    def advance(self, seqs: list[ActiveRequest], logits: torch.Tensor) -> None:
+        """Sample each sequence's next token from its row of logits [n, vocab], then report it."""
+        chosen = torch.cat([self.choose(s, logits[i:i + 1]) for i, s in enumerate(seqs)])  # [n]
+        logprobs = [self.token_logprob(s, logits[i:i + 1], chosen[i:i + 1]) for i, s in enumerate(seqs)]
+        for s, token, lp in zip(seqs, chosen.tolist(), logprobs):  # one device-to-host copy of the tokens
+            self.emit(s, token, lp)
+
+    @staticmethod
+    def choose(seq: ActiveRequest, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of one sequence, [1], from its logits [1, vocab]; each row by itself, so that
+        what a request draws does not depend on the requests beside it."""
+        p = seq.request.sampling
+        return next_tokens(logits, p.temperature, p.top_p, p.repetition_penalty, seq.seen, seq.generator,
+                           seq.counts, p.frequency_penalty, p.presence_penalty)
+
+    @staticmethod
+    def token_logprob(seq: ActiveRequest, logits: torch.Tensor, token: torch.Tensor) -> TokenLogprob | None:
+        if seq.request.logprobs is None:
+            return None
+        chosen, values, ids = top_logprobs(logits, token, seq.request.logprobs)
+        return TokenLogprob(int(token), chosen.item(), tuple(zip(ids[0].tolist(), values[0].tolist())))
+
+    def emit(self, seq: ActiveRequest, token: int, logprob: TokenLogprob | None) -> None:
+        """Add a sampled token to its sequence and report what it changes: new text, or the end."""
+        seq.tokens.append(token)
+        if seq.seen is not None:
+            seq.seen[0, token] = True
+            seq.counts[0, token] += 1
+        request = seq.request
+        if token in request.stop_ids:  # the stop token is not part of the completion
+            text, _ = self.rest_of_text(seq)
+            self.finish(seq, text, "stop")
+            return
+        text, stopped = seq.stops.push(seq.decoder.push(token))
+        logprobs = () if logprob is None else (logprob,)
+        if not stopped and seq.generated >= request.max_tokens:
+            rest, stopped = self.rest_of_text(seq)
+            self.finish(seq, text + rest, "stop" if stopped else "length", (token,), logprobs)
+        elif stopped:
+            self.finish(seq, text, "stop", (token,), logprobs)
+        else:
+            seq.handle.on_output(Output(text, (token,), logprobs, None, seq.n_prompt, seq.generated))
+
+    @staticmethod
+    def rest_of_text(seq: ActiveRequest) -> tuple[str, bool]:
+        """The text still held back at the end (unfinished characters, a tail that was not a stop
+        string), and whether a stop string turned up in it."""
+        text, stopped = seq.stops.push(seq.decoder.flush())
+        return (text, True) if stopped else (text + seq.stops.flush(), False)
+
+    def finish(self, seq: ActiveRequest, text: str, reason: str, tokens: tuple[int, ...] = (),
+               logprobs: tuple[TokenLogprob, ...] = ()) -> None:
+        """Report the last output and free the slot."""
+        self.slots[seq.row] = None
+        seq.handle.on_output(Output(text, tokens, logprobs, reason, seq.n_prompt, seq.generated))
+
+    def abort_all(self, reason: str) -> None:
+        """End every request, running or waiting, with reason (after an error, or at shutdown)."""
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for seq in self.slots:
+            if seq is not None:
+                self.finish(seq, "", reason)
+        for h in waiting:
+            h.on_output(Output("", (), (), reason, len(h.request.prompt), 0))
+
+    def close(self) -> None:
+        """Refuse new requests from now on."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+
+    def run(self, requests: Sequence[Request]) -> list[Completion]:
+        """Generate every request to its end in this thread, feeding the queue as room frees up."""
+        results = [Completion() for _ in requests]
+        pending = deque(range(len(requests)))
+        while pending or self.has_work():
+            while pending:
+                i = pending[0]
+                try:
+                    self.submit([requests[i]], lambda _, out, i=i: results[i].add(out))
+                except QueueFull:
+                    break
+                pending.popleft()
+            self.step()
+        return results
+
+
+class EngineThread:
+    """Runs an engine's steps in a background thread while there is work, and sleeps otherwise."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.thread = threading.Thread(target=self.loop, name="llama_int8-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def loop(self) -> None:
+        engine = self.engine
+        while True:
+            with engine.lock:
+                while not engine.has_work() and not engine.closed:
+                    engine.lock.wait()
+                if engine.closed and not engine.has_work():
+                    return
+            try:
+                engine.step()
+            except Exception:  # a failed step must not leave its requests waiting forever
+                log.exception("A generation step failed; ending the requests in flight")
+                engine.abort_all("error")
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, cancel what is left after timeout seconds of finishing, and join."""
+        self.engine.close()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            with self.engine.lock:
+                for h in self.engine.waiting:
+                    h.cancel()
+            for seq in self.engine.slots:
+                if seq is not None:
+                    seq.handle.cancel()
+            self.thread.join()
