@@ -246,3 +246,62 @@ def test_flash_model_matches_sdpa(mistral_folder):
                                    *(llm.model(tokens[:, i:i + 1], i) for i in range(20, 40))], 1)
     scale = runs["sdpa"].abs().max().item()  # bfloat16 on both sides: a loose bound
     torch.testing.assert_close(runs["flash"], runs["sdpa"], rtol=5e-2, atol=5e-2 * scale)
+
+
+# --- Rows at their own positions (continuous batching) ------------------------------------------------
+
+@pytest.mark.parametrize("case", ["llama", "mistral-window"])
+def test_rows_at_their_own_positions_match_transformers(case, mistral, mistral_folder, llama_folder):
+    """Rows prefilled to different lengths in their own cache rows, then one forward with a start
+    position per row (decode steps, then blocks of 3), each row against transformers' logits of its
+    whole sequence: with a window the rows run several windows long."""
+    from transformers import AutoModelForCausalLM
+
+    folder = llama_folder if case == "llama" else mistral_folder
+    ref = mistral if case == "mistral-window" else AutoModelForCausalLM.from_pretrained(llama_folder).float().eval()
+    llm = build(folder, max_batch_size=4, prefill_chunk=5)
+    lengths = [3, 3 * WINDOW + 1, 11, 2 * WINDOW]
+    rows = [2, 0, 3, 1]  # batch row i lives in cache row rows[i]
+    seqs = [random_tokens(1, n + 5, seed=20 + i)[0] for i, n in enumerate(lengths)]
+    for seq, n, row in zip(seqs, lengths, rows):
+        llm.model(seq[None, :n], 0, cache_rows=[row])
+    starts = torch.tensor(lengths)
+    steps = [llm.model(torch.stack([s[n:n + 1] for s, n in zip(seqs, lengths)]), starts, cache_rows=rows),
+             llm.model(torch.stack([s[n + 1:n + 2] for s, n in zip(seqs, lengths)]), starts + 1, cache_rows=rows),
+             llm.model(torch.stack([s[n + 2:n + 5] for s, n in zip(seqs, lengths)]), starts + 2, cache_rows=rows)]
+    ours = torch.cat(steps, dim=1)  # [4, 5, vocab]
+    for i, (seq, n) in enumerate(zip(seqs, lengths)):
+        with torch.no_grad():
+            expected = ref(seq[None]).logits[0, n:]
+        assert_logits_close(ours[i], expected)
+
+
+def test_rows_beyond_the_cache_are_refused(llama_folder):
+    llm = build(llama_folder, max_batch_size=2)
+    with pytest.raises(ValueError, match="cache_rows"):
+        llm.model(torch.ones(1, 1, dtype=torch.long), torch.tensor([3]), cache_rows=[2])
+    with pytest.raises(ValueError, match="positions"):
+        llm.model(torch.ones(2, 1, dtype=torch.long), torch.tensor([3, 128]))
+    with pytest.raises(ValueError, match="one per row"):
+        llm.model(torch.ones(2, 1, dtype=torch.long), torch.tensor([3]))
+
+
+@pytest.mark.parametrize("s,t,window", [(1, 30, None), (5, 30, None), (5, 12, 4), (1, 4, 4)])
+def test_sdpa_folds_grouped_heads_instead_of_copying_the_cache(s, t, window):
+    """Query heads sharing a key/value head are folded into its query rows: the result equals SDPA
+    over keys and values copied to every head (the former way), and no copy of them is made."""
+    from torch.nn import functional as F
+
+    from llama_int8.model import sdpa_attend
+
+    b, h, kv_h, d = 2, 6, 2, 8
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(b, h, s, d, generator=gen), torch.randn(b, kv_h, t, d, generator=gen), \
+        torch.randn(b, kv_h, t, d, generator=gen)
+    mask = attention_mask(s, t, window, torch.device("cpu"))
+    copied = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
+    with torch.profiler.profile() as prof:
+        folded = sdpa_attend(q, k, v, window)
+    torch.testing.assert_close(folded, copied, rtol=1e-6, atol=1e-6)
+    ops = {e.key for e in prof.key_averages()}
+    assert not ops & {"aten::repeat_interleave", "aten::index_select"}
