@@ -2,8 +2,10 @@
 
 Parameter names follow Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ...), and the
 rotary embedding uses Meta's interleaved layout (dimension pairs 2i, 2i+1); Hugging Face weights are
-converted to it when read. No I/O and no quantization here: the loader fills the parameters and the
-quantizer swaps `Linear` modules from outside.
+converted to it when read, except layers stored quantized, whose rows cannot be reordered exactly:
+those models rotate in Hugging Face's layout instead (`rope_layout="halves"`). No I/O and no
+quantization here: the loader fills the parameters and the quantizer swaps `Linear` modules from
+outside.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_BACKENDS = ("sdpa", "flash", "math")
+# How q/k rows pair the dimensions they rotate: Meta's interleaved pairs (2i, 2i+1), or Hugging
+# Face's halves (i, i + head_dim/2) of checkpoints whose quantized rows are used as stored.
+ROPE_LAYOUTS = ("interleaved", "halves")
 # oneDNN's inner product, the kernel torch.compile gives float32 linears on the CPU: see Linear.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -38,6 +43,7 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     max_position_embeddings: int | None = None
+    rope_layout: str = "interleaved"  # one of ROPE_LAYOUTS
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -48,6 +54,8 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout={self.rope_layout!r} is not one of {ROPE_LAYOUTS}")
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -128,6 +136,16 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [b, s, h, d/2] complex
     rotated = pairs * rotation.unsqueeze(-2)  # [(b,) s, 1, d/2] broadcast over heads
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # [b, s, h, d]
+
+
+def apply_rotary_halves(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """apply_rotary for Hugging Face's layout: dimension i of a head pairs with i + d/2."""
+    first, second = x.float().chunk(2, dim=-1)  # [b, s, h, d/2] each
+    rotated = torch.complex(first, second) * rotation.unsqueeze(-2)  # [(b,) s, 1, d/2] broadcast over heads
+    return torch.cat((rotated.real, rotated.imag), dim=-1).to(x.dtype)  # [b, s, h, d]
+
+
+ROTARY = {"interleaved": apply_rotary, "halves": apply_rotary_halves}
 
 
 # Sliding-window convention, as Mistral and Hugging Face transformers define it (masking_utils:
@@ -316,6 +334,7 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.rotate = ROTARY[args.rope_layout]  # chosen once: the checkpoint's q/k row layout
         self.cache: KVCache | RollingKVCache | None = None
 
     def forward(self, x: torch.Tensor, place: int | RowPlaces, rotation: torch.Tensor) -> torch.Tensor:
@@ -324,7 +343,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
+        q, k = self.rotate(q, rotation), self.rotate(k, rotation)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv_h, s, d]
         if isinstance(place, int):
             keys, values = self.cache.update(k, v, place)  # [b, kv_h, t, d]
