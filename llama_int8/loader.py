@@ -28,10 +28,13 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on the CPU (exact, and fast enough); bfloat16 where the GPU has it, else float16."""
+    """float32 on the CPU (exact, and fast enough); on a GPU bfloat16 where that GPU computes in it
+    (compute capability 8.0 on), else float16. Not torch.cuda.is_bf16_supported(): it asks the
+    current device instead of this one, and says yes where bfloat16 is only emulated (T4, V100)."""
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def load_weights(model: Transformer, checkpoint: Checkpoint, cfg: QuantConfig, device: torch.device,

@@ -3,8 +3,9 @@
 bitsandbytes 0.50 quantizes inside `Int8Params.to(device)` / `Params4bit.to(device)`, on the target
 device, and a host-quantized layer moved afterwards keeps host tensors or garbage (docs/bitsandbytes.md).
 So each layer is built under the meta device and given parameters made directly on the device it
-will run on, from the tensors `quantize.quantize_weight` made (or a pre-baked folder stored); it is
-never moved after. Only the quantized bytes and their scales reach the device.
+will run on, from the tensors `quantize.quantize_weight` made (or a pre-baked folder stored), and
+it refuses to be moved after (StaysOnItsDevice). Only the quantized bytes and their scales reach the
+device.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import ctypes as ct
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import MethodType
 
 import torch
 from torch import nn
@@ -50,27 +50,27 @@ def quantized_linear(tensors: dict[str, torch.Tensor], in_features: int, out_fea
 def build_int8_linear(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, cfg: QuantConfig,
                       device: torch.device) -> nn.Module:
     with torch.device("meta"):
-        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
-                                    threshold=cfg.int8_threshold)
+        layer = DeviceBoundLinear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
+                                        threshold=cfg.int8_threshold)
     cb, scb = tensors["weight"].to(device), tensors["SCB"].to(device)
     # Made on the device directly: Linear8bitLt.to() would leave CB/SCB behind (docs/bitsandbytes.md), and
     # CB must be set or the first forward would quantize the int8 bytes again.
     layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-    if device.type == "cpu" and INT_MM_IS_FAST_ON_CPU:
-        layer.forward = MethodType(int8_forward_cpu, layer)
     return layer
 
 
 def build_4bit_linear(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, cfg: QuantConfig,
                       device: torch.device, dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):
-        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype,
-                                  compress_statistics=cfg.double_quant, quant_type=cfg.mode,
-                                  quant_storage=torch.uint8)
+        layer = DeviceBoundLinear4bit(in_features, out_features, bias=False, compute_dtype=dtype,
+                                      compress_statistics=cfg.double_quant, quant_type=cfg.mode,
+                                      quant_storage=torch.uint8)
     # Linear4bit.load_state_dict drops the quant state (bitsandbytes#1946): build the parameter directly.
+    # Without module=: the parameter would point back at the layer that holds it, a reference cycle
+    # that keeps both (and their device memory) alive after `del` until a garbage collection runs.
     stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
-    layer.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False,
-                                                       device=device, module=layer)
+    layer.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False, device=device)
+    layer.quant_state = layer.weight.quant_state  # what module= would have set (a state holds no layer)
     # The state records the source's dtype; it only sets the dtype weights are dequantized to.
     layer.weight.quant_state.dtype = dtype
     if device.type == "cpu" and layer.support_avx512bf16_for_cpu:
@@ -78,8 +78,60 @@ def build_4bit_linear(tensors: dict[str, torch.Tensor], in_features: int, out_fe
         # once, so the first token is not slowed and memory accounting sees the final layout.
         with torch.inference_mode():
             layer.eval()(torch.zeros(1, in_features, dtype=dtype))
-        layer.forward = MethodType(gemv_4bit_forward_cpu, layer)
     return layer
+
+
+# --- The layers: bitsandbytes' own, bound to the device they were built on -----------------------
+
+class StaysOnItsDevice:
+    """Refuses to move a bitsandbytes layer off the device it was built on (mixed in before it).
+
+    Moving one is broken in bitsandbytes 0.50: `nn.Module._apply` keeps the old parameter object, so
+    an int8 layer's CB/SCB stay where they were, and a CPU-repacked 4-bit weight moves as garbage
+    (docs/bitsandbytes.md). `Module.to`, `.cuda()` and `.cpu()` reach every submodule through
+    `_apply(fn)`: fn is tried on an empty tensor here, and a conversion that would change the device
+    raises instead; same-device calls and dtype conversions (which leave int8 and uint8 weights as
+    they are) go through.
+    """
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        here = self.weight.device
+        try:
+            there = fn(torch.empty(0, device=here)).device
+        except (RuntimeError, AssertionError) as e:  # torch without that device raises either
+            raise RuntimeError(move_refused(self, here, None)) from e
+        if there != here:
+            raise RuntimeError(move_refused(self, here, there))
+        return super()._apply(fn, recurse)
+
+
+def move_refused(layer: nn.Module, here: torch.device, there: torch.device | None) -> str:
+    target = "another device" if there is None else str(there)
+    example = "cuda" if there is None else str(there)
+    return (f"{type(layer).__name__} was built on {here} and cannot be moved to {target}: bitsandbytes layers "
+            "moved after they are built keep part of their quantization state behind. Build the model on "
+            f"the device it runs on instead, e.g. Llama.build(..., device={example!r}) (anything already "
+            "moved before this layer is now elsewhere: build the model again)")
+
+
+class DeviceBoundLinear8bitLt(StaysOnItsDevice, bnb.nn.Linear8bitLt):
+    """LLM.int8() (`Linear8bitLt`) on the device it was built on; on a CPU with a fast `_int_mm`,
+    eval-mode forwards take int8_forward_cpu."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if INT_MM_IS_FAST_ON_CPU and takes_fast_path(self, x):
+            return int8_forward_cpu(self, x)
+        return super().forward(x)
+
+
+class DeviceBoundLinear4bit(StaysOnItsDevice, bnb.nn.Linear4bit):
+    """nf4/fp4 (`Linear4bit`) on the device it was built on; a weight repacked for the CPU's
+    AVX512-BF16 kernel takes gemv_4bit_forward_cpu in eval mode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if takes_fast_path(self, x) and getattr(self.weight.quant_state, "packing_format_for_cpu", False):
+            return gemv_4bit_forward_cpu(self, x)
+        return super().forward(x)
 
 
 # --- Eval-mode forwards on the CPU in fewer kernels ----------------------------------------------
@@ -96,7 +148,10 @@ INT8_WEIGHT_SCALE = 7.874015718698502e-3
 
 
 def takes_fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
-    return not layer.training and not x.requires_grad and layer.bias is None
+    """Whether a CPU forward below may serve layer(x): an eval-mode call without gradients or bias,
+    on an input and a weight that are both on the CPU (their kernels read host memory)."""
+    return (not layer.training and not x.requires_grad and layer.bias is None
+            and x.device.type == "cpu" and layer.weight.device.type == "cpu")
 
 
 @dataclass(frozen=True)
@@ -202,8 +257,6 @@ def int8_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Linear8bitLt's eval forward, x [..., in] -> [..., out] in x's dtype: int8_product, bit for bit
     what bitsandbytes computes, in fewer kernels. A layer of a SharedInputGroup
     (`layer.shared_input`, set by share_input) takes its columns of the group's product."""
-    if not takes_fast_path(layer, x):
-        return type(layer).forward(layer, x)
     weight = layer.weight
     a = x.reshape(-1, x.shape[-1])  # [rows, in]
     threshold = layer.state.threshold
@@ -221,8 +274,6 @@ def gemv_4bit_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     [..., out]: the same kernel bitsandbytes calls (bfloat16 in and out), without the Python layers
     and dispatches around it."""
     state = layer.weight.quant_state
-    if not takes_fast_path(layer, x) or not getattr(state, "packing_format_for_cpu", False):
-        return type(layer).forward(layer, x)
     # The repacked layout exists only where bitsandbytes' CPU library (and so this kernel) loaded.
     kernel = getattr(bnb_cpu_lib, f"gemv_4bit_inference_cpu_{state.quant_type}_bf16")
     n, k = state.shape
@@ -268,7 +319,8 @@ def share_input(name: str, layer: nn.Module, groups: dict[str, SharedInputGroup]
     SharedInputGroup, made on the group's first layer and kept in groups (one dict per model); other
     layers are left as they are."""
     group = shared_input_group(name)
-    if group is not None and getattr(layer.forward, "__func__", None) is int8_forward_cpu:
+    lean = isinstance(layer, DeviceBoundLinear8bitLt) and layer.weight.device.type == "cpu" and INT_MM_IS_FAST_ON_CPU
+    if group is not None and lean:
         key, size = group
         groups.setdefault(key, SharedInputGroup(size)).join(layer)
 
