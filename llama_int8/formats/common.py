@@ -1,5 +1,6 @@
 """The vocabulary every checkpoint format shares: the `Checkpoint` interface, named tensors, errors,
-Hugging Face <-> Meta tensor names, the rotary row permutation, and safe JSON and safetensors reads.
+the checks every tensor passes, Hugging Face <-> Meta tensor names, the rotary row permutation, safe
+JSON and safetensors reads, and file names from a checkpoint's metadata kept inside its folder.
 
 Imports no other format: each format module builds on this one, and only `formats.detect` and
 `formats.stack` know about more than one format.
@@ -13,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -80,6 +81,10 @@ class Checkpoint(ABC):
         """Where the weights come from, for a pre-baked manifest."""
         return {"path": str(self.location.resolve()), "format": self.format}
 
+    def paths(self) -> list[Path]:
+        """Every folder or file the checkpoint reads from (what a writer must never overwrite)."""
+        return [self.location]
+
 
 def checked_tensors(tensors: Iterable[NamedTensor], expected: dict[str, tuple[int, ...]],
                     ignored: frozenset[str] = frozenset(), total: int | None = None) -> Iterator[NamedTensor]:
@@ -98,6 +103,9 @@ def checked_tensors(tensors: Iterable[NamedTensor], expected: dict[str, tuple[in
             raise CheckpointError(f"{source}: unexpected tensor {name!r}")
         if name in seen:
             raise CheckpointError(f"{source}: tensor {name!r} appears twice")
+        if not item.tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name!r} is {str(item.tensor.dtype).removeprefix('torch.')}, "
+                                  "expected a floating-point weight")
         if tuple(item.tensor.shape) != expected[name]:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(item.tensor.shape)}, "
                                   f"expected {expected[name]} from the model configuration")
@@ -107,6 +115,20 @@ def checked_tensors(tensors: Iterable[NamedTensor], expected: dict[str, tuple[in
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs: {missing[:8]}"
                               + (" ..." if len(missing) > 8 else ""))
+
+
+def check_finite(tensor: torch.Tensor, name: str, source: str) -> None:
+    """Refuse a weight holding NaN or infinite values, naming it and its file.
+
+    One summing pass: NaN or an infinity makes the sum non-finite. Only then is every value looked
+    at, since finite values can overflow a half-precision sum too.
+    """
+    values = tensor if tensor.element_size() > 1 else tensor.float()  # torch cannot sum float8
+    if torch.isfinite(values.sum()) or bool(torch.isfinite(values).all()):
+        return
+    bad = int((~torch.isfinite(values)).sum())
+    raise CheckpointError(f"{source}: tensor {name!r} holds {bad} NaN or infinite values"
+                          + (f" as {str(tensor.dtype).removeprefix('torch.')}" if tensor.dtype != torch.float32 else ""))
 
 
 # --- Names -----------------------------------------------------------------------------------------
@@ -173,10 +195,52 @@ def permute_rotary_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.T
 # --- Safe reads ------------------------------------------------------------------------------------
 
 def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, which must hold an object."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def file_inside(folder: Path, entry: Any, listed_in: Path) -> Path:
+    """folder/entry, for a file name read from the checkpoint's own metadata (listed_in): refused
+    unless it stays in folder, as an absolute path, `..` or a symbolic link out of it would not.
+
+    One exception: the Hugging Face hub's cache keeps a snapshot's files as links into the blobs
+    folder of the same repository, so links from .../snapshots/<revision> into .../blobs pass.
+    """
+    if not isinstance(entry, str) or not entry.strip():
+        raise CheckpointError(f"{listed_in}: {entry!r} is not a file name")
+    relative = Path(entry)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise CheckpointError(f"{listed_in}: file {entry!r} lies outside {folder}; a checkpoint may only name "
+                              "files inside its folder")
+    path = folder / relative
+    resolved, roots = path.resolve(), allowed_roots(folder.resolve())
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        raise CheckpointError(f"{listed_in}: file {entry!r} is a symbolic link to {resolved}, outside {folder}; "
+                              "a checkpoint may only name files inside its folder")
+    return path
+
+
+def indexed_safetensors_files(index: Path) -> list[Path]:
+    """The shards a Hugging Face model.safetensors.index.json names, in order, each kept inside its folder."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map (expected an object of tensor name -> shard file)")
+    return [file_inside(index.parent, name, index) for name in dict.fromkeys(weight_map.values())]
+
+
+def allowed_roots(folder: Path) -> list[Path]:
+    """folder, and for a snapshot of the Hugging Face hub's cache its repository's blobs folder."""
+    parts = folder.parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(("models--", "datasets--")):
+            return [folder, Path(*parts[:i]) / "blobs"]
+    return [folder]
 
 
 def open_safetensors(path: Path):

@@ -22,6 +22,7 @@ import torch
 from ..model import ModelArgs, rope_inverse_frequencies
 from ..tokenizer import END_OF_TURN_TOKENS, FastTokenizer, Tokenizer, TokenizerError
 from .common import Checkpoint, CheckpointError, NamedTensor, to_meta_name
+from .model_config import model_args_from
 
 log = logging.getLogger(__name__)
 
@@ -92,28 +93,35 @@ def gguf_model_args(reader, path: Path) -> ModelArgs:
     if head_dim is not None and get("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: rotary embedding on {get('rope.dimension_count')} of {head_dim} "
                               "head dimensions (partial rotary) is not supported")
-    args = ModelArgs(
-        dim=dim, n_layers=get("block_count", required=True), n_heads=n_heads,
-        n_kv_heads=get("attention.head_count_kv"), vocab_size=gguf_vocab_size(reader, tensors, path),
-        head_dim=head_dim, hidden_dim=get("feed_forward_length"),
-        norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=get("rope.freq_base", 10000.0),
-        rope_scaling=gguf_rope_scaling(get("rope.scaling.type"), get("rope.scaling.factor"), path),
-        tie_word_embeddings="output.weight" not in tensors, max_position_embeddings=get("context_length"),
-    )
+    head_dim_key = "attention.key_length" if get("attention.key_length") is not None else "rope.dimension_count"
+    args = model_args_from(path, {
+        "dim": ("llama.embedding_length", dim), "n_layers": ("llama.block_count", get("block_count", required=True)),
+        "n_heads": ("llama.attention.head_count", n_heads),
+        "n_kv_heads": ("llama.attention.head_count_kv", get("attention.head_count_kv")),
+        "vocab_size": gguf_vocab_size(reader, tensors, path), "head_dim": (f"llama.{head_dim_key}", head_dim),
+        "hidden_dim": ("llama.feed_forward_length", get("feed_forward_length")),
+        "norm_eps": ("llama.attention.layer_norm_rms_epsilon", get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": ("llama.rope.freq_base", get("rope.freq_base", 10000.0)),
+        "rope_scaling": ("llama.rope.scaling", gguf_rope_scaling(get("rope.scaling.type"), get("rope.scaling.factor"),
+                                                                 path)),
+        "tie_word_embeddings": ("output.weight", "output.weight" not in tensors),
+        "max_position_embeddings": ("llama.context_length", get("context_length")),
+    })
     if ROPE_FREQS in tensors:
         args = with_llama3_rope(args, torch.from_numpy(np.array(tensors[ROPE_FREQS].data, dtype=np.float32)), path)
     return args
 
 
-def gguf_vocab_size(reader, tensors: dict, path: Path) -> int:
+def gguf_vocab_size(reader, tensors: dict, path: Path) -> tuple[str, Any]:
+    """The vocabulary size and where it comes from: llama.vocab_size, the token list or the embedding."""
     size = metadata(reader, "llama.vocab_size")
-    if size is None and "tokenizer.ggml.tokens" in reader.fields:
-        size = len(reader.fields["tokenizer.ggml.tokens"].data)
-    if size is None and "token_embd.weight" in tensors:
-        size = int(tensors["token_embd.weight"].shape[1])  # ggml order: [dim, vocab]
-    if size is None:
-        raise CheckpointError(f"{path}: no llama.vocab_size, token list or token_embd.weight to size the vocabulary")
-    return size
+    if size is not None:
+        return "llama.vocab_size", size
+    if "tokenizer.ggml.tokens" in reader.fields:
+        return "len(tokenizer.ggml.tokens)", len(reader.fields["tokenizer.ggml.tokens"].data)
+    if "token_embd.weight" in tensors:
+        return "token_embd.weight's columns", int(tensors["token_embd.weight"].shape[1])  # ggml order: [dim, vocab]
+    raise CheckpointError(f"{path}: no llama.vocab_size, token list or token_embd.weight to size the vocabulary")
 
 
 def gguf_rope_scaling(kind: str | None, factor: float | None, path: Path) -> dict:

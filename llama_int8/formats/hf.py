@@ -18,10 +18,12 @@ import torch
 from safetensors.torch import save_file
 
 from ..model import ModelArgs, parameter_shapes
-from .common import (Checkpoint, CheckpointError, NamedTensor, checked_tensors, hf_to_meta_name, meta_to_hf_name,
-                     open_safetensors, permute_rotary_rows, read_json, read_safetensors_tensor, unpermute_rotary_rows)
+from .common import (Checkpoint, CheckpointError, NamedTensor, checked_tensors, hf_to_meta_name,
+                     indexed_safetensors_files, meta_to_hf_name, open_safetensors, permute_rotary_rows, read_json,
+                     read_safetensors_tensor, unpermute_rotary_rows)
 from .export import (check_unquantized_source, checkpoint_sources, new_folder, resolve_dtype, special_token_ids,
                      write_tokenizer_files)
+from .model_config import model_args_from
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +51,33 @@ def hf_model_args(folder: Path) -> ModelArgs:
         if key not in cfg:
             raise CheckpointError(f"{path}: missing required key {key!r}")
     rope = cfg.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
-    scaling = cfg.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
-    return ModelArgs(
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads"),
-        vocab_size=cfg["vocab_size"],
-        head_dim=cfg.get("head_dim"),
-        hidden_dim=cfg.get("intermediate_size"),
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        rope_scaling=scaling,
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        sliding_window=cfg.get("sliding_window"),
-        max_position_embeddings=cfg.get("max_position_embeddings"),
-    )
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: rope_parameters={rope!r}: expected an object")
+    scaling = ("rope_scaling", cfg["rope_scaling"]) if cfg.get("rope_scaling") else (
+        "rope_parameters", {k: v for k, v in rope.items() if k != "rope_theta"})
+    theta = ("rope_theta", cfg["rope_theta"]) if "rope_theta" in cfg else (
+        "rope_parameters.rope_theta", rope.get("rope_theta", 10000.0))
+    return model_args_from(path, {
+        "dim": ("hidden_size", cfg["hidden_size"]),
+        "n_layers": ("num_hidden_layers", cfg["num_hidden_layers"]),
+        "n_heads": ("num_attention_heads", cfg["num_attention_heads"]),
+        "n_kv_heads": ("num_key_value_heads", cfg.get("num_key_value_heads")),
+        "vocab_size": ("vocab_size", cfg["vocab_size"]),
+        "head_dim": ("head_dim", cfg.get("head_dim")),
+        "hidden_dim": ("intermediate_size", cfg.get("intermediate_size")),
+        "norm_eps": ("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "tie_word_embeddings": ("tie_word_embeddings", cfg.get("tie_word_embeddings", False)),
+        "sliding_window": ("sliding_window", cfg.get("sliding_window")),
+        "max_position_embeddings": ("max_position_embeddings", cfg.get("max_position_embeddings")),
+    })
 
 
 def hf_safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not weight_map:
-            raise CheckpointError(f"{index}: no weight_map")
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        files = indexed_safetensors_files(index)
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index}: lists shards that do not exist: {missing}")

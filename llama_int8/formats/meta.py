@@ -7,6 +7,7 @@ and reading one tensor's slice of every shard does not copy whole shards into pr
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from ..model import ModelArgs
 from .common import Checkpoint, CheckpointError, NamedTensor, read_json
+from .model_config import boolean, model_args_from
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ META_PARAMS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multip
                "max_batch_size", "sliding_window", "head_dim", "hidden_dim", "rope_scaling",
                "tie_word_embeddings"}
 META_IGNORED_KEYS = {"rope.freqs"}  # precomputed rotary table in Llama 1 checkpoints; rebuilt here
+META_SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 
 
 class MetaCheckpoint(Checkpoint):
@@ -47,10 +50,31 @@ class MetaCheckpoint(Checkpoint):
 
 
 def meta_shard_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("consolidated.*.pth"))
+    """consolidated.00.pth ... consolidated.NN.pth, which must be numbered from 00 without gaps."""
+    files = numbered_meta_shards(folder)
     if not files:
         raise CheckpointError(f"{folder}: params.json found but no consolidated.*.pth shards")
     return files
+
+
+def numbered_meta_shards(folder: Path) -> list[Path]:
+    """The folder's consolidated.NN.pth shards in order (none if it has none); a gap in the
+    numbers is refused naming the missing shard, since merging without it would mis-size tensors."""
+    numbered: dict[int, Path] = {}
+    for path in folder.glob("consolidated.*.pth"):
+        m = META_SHARD_NAME.fullmatch(path.name)
+        if m is None:
+            raise CheckpointError(f"{path}: not a shard name of the form consolidated.NN.pth")
+        if int(m.group(1)) in numbered:
+            raise CheckpointError(f"{folder}: {numbered[int(m.group(1))].name} and {path.name} are the same shard")
+        numbered[int(m.group(1))] = path
+    missing = [i for i in range(len(numbered)) if i not in numbered]
+    if missing:
+        width = len(next(iter(numbered.values())).name.split(".")[1])
+        names = [f"consolidated.{i:0{width}d}.pth" for i in missing]
+        raise CheckpointError(f"{folder}: shard {names[0]} is missing (found {len(numbered)} shards numbered "
+                              f"{sorted(numbered)}; expected 0 to {len(numbered) - 1})")
+    return [numbered[i] for i in range(len(numbered))]
 
 
 def load_meta_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -61,21 +85,24 @@ def load_meta_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def meta_model_args(folder: Path) -> ModelArgs:
-    params = read_json(folder / "params.json")
+    path = folder / "params.json"
+    params = read_json(path)
     unknown = sorted(set(params) - META_PARAMS)
     if unknown:
-        log.warning("%s: ignoring unknown keys %s", folder / "params.json", unknown)
+        log.warning("%s: ignoring unknown keys %s", path, unknown)
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
-            raise CheckpointError(f"{folder / 'params.json'}: missing required key {key!r}")
-    kwargs = {k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}}
-    if params.get("use_scaled_rope"):
+            raise CheckpointError(f"{path}: missing required key {key!r}")
+    settings = {f.name: (f.name, params[f.name]) for f in fields(ModelArgs) if f.name in params}
+    if "use_scaled_rope" in params and boolean(path, "use_scaled_rope", params["use_scaled_rope"]):
         # Llama 3.1/3.2 Meta checkpoints say only this flag; these are the values Meta's code hard-wires.
-        kwargs["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    if kwargs.get("vocab_size", -1) <= 0:
-        kwargs["vocab_size"] = meta_vocab_size(meta_shard_files(folder))
-    return ModelArgs(**kwargs)
+        settings["rope_scaling"] = ("use_scaled_rope", {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192})
+    vocab = params.get("vocab_size", -1)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab <= 0:  # Meta's -1: the tokenizer's
+        settings["vocab_size"] = ("vocab_size", meta_vocab_size(meta_shard_files(folder)))
+    return model_args_from(path, settings)
 
 
 def meta_vocab_size(files: list[Path]) -> int:
