@@ -10,11 +10,15 @@ For each shape and mode: weight bytes, computed exactly from the tensors the qua
 window alone would hold); their total; and the longest context that fits --budget_gb beside the weights.
 
 Measured, with random weights built layer by layer through the real loader and quantization hook:
-- on a GPU: peak allocated and reserved memory after load, during a prefill of --prefill_tokens and
-  during --decode_tokens decode steps (shapes whose computed total exceeds the GPU are skipped);
+- on a GPU: peak allocated and reserved memory after load, during a prefill of --prefill_tokens and,
+  apart, during --decode_tokens decode steps, with what each peak adds to the memory held (weights
+  and cache): a 4-bit prefill dequantizes each layer's weight to 16 bits inside bitsandbytes, decode
+  does not (shapes whose computed total exceeds the GPU are skipped);
 - on the CPU: peak private host memory (RssAnon, sampled from a child process) of the load, for the
   --cpu_models x --cpu_modes whose computed footprint fits --cpu_budget_gb; the others show the
   computed figures only.
+--n_layers builds each shape with that many blocks: its real layer shapes, and so its real per-layer
+transients, in a fraction of the time (the computed figures are for the same blocks).
 """
 
 from __future__ import annotations
@@ -139,6 +143,7 @@ def measure_gpu(args: ModelArgs, mode: str, ckpt_dir: str | None, max_seq_len: i
     else:
         model = build_checkpoint_model(ckpt_dir, mode, device, max_seq_len, batch)
     torch.cuda.synchronize(device)
+    held = torch.cuda.memory_allocated(device)  # weights and cache: what the peaks below add to
     out = {"load s": time.perf_counter() - start, "measured weights GiB": weight_bytes(model) / GiB,
            "load alloc GiB": torch.cuda.max_memory_allocated(device) / GiB,
            "load reserved GiB": torch.cuda.max_memory_reserved(device) / GiB}
@@ -147,24 +152,27 @@ def measure_gpu(args: ModelArgs, mode: str, ckpt_dir: str | None, max_seq_len: i
     model(tokens[:, :prefill_tokens], 0, last_only=True)
     torch.cuda.synchronize(device)
     out["prefill alloc GiB"] = torch.cuda.max_memory_allocated(device) / GiB
+    out["prefill over held MiB"] = (torch.cuda.max_memory_allocated(device) - held) / MiB
     out["prefill reserved GiB"] = torch.cuda.max_memory_reserved(device) / GiB
     torch.cuda.reset_peak_memory_stats(device)
     for pos in range(prefill_tokens, prefill_tokens + decode_tokens):
         model(tokens[:, pos:pos + 1], pos, last_only=True)
     torch.cuda.synchronize(device)
     out["decode alloc GiB"] = torch.cuda.max_memory_allocated(device) / GiB
+    out["decode over held MiB"] = (torch.cuda.max_memory_allocated(device) - held) / MiB
     out["decode reserved GiB"] = torch.cuda.max_memory_reserved(device) / GiB
     del model
     return out
 
 
-def measure_cpu_here(model_name: str, mode: str, ckpt_dir: str | None, max_seq_len: int, batch: int) -> dict:
+def measure_cpu_here(model_name: str, mode: str, ckpt_dir: str | None, max_seq_len: int, batch: int,
+                     n_layers: int | None) -> dict:
     """The child's side of a CPU measurement: load, allocate the cache, report what it holds."""
     device = torch.device("cpu")
     before = rss_anon_bytes()
     start = time.perf_counter()
     if ckpt_dir is None:
-        model = build_random_model(MODELS[model_name], parse_quant_mode(mode), device)
+        model = build_random_model(with_blocks(MODELS[model_name], n_layers), parse_quant_mode(mode), device)
         model.setup_caches(batch, max_seq_len, WEIGHT_DTYPE, device)
     else:
         model = build_checkpoint_model(ckpt_dir, mode, device, max_seq_len, batch)
@@ -172,12 +180,15 @@ def measure_cpu_here(model_name: str, mode: str, ckpt_dir: str | None, max_seq_l
             "rss_anon_before": before}
 
 
-def measure_cpu(model_name: str, mode: str, ckpt_dir: str | None, max_seq_len: int, batch: int) -> dict:
+def measure_cpu(model_name: str, mode: str, ckpt_dir: str | None, max_seq_len: int, batch: int,
+                n_layers: int | None) -> dict:
     """Peak RssAnon of loading in a fresh child process, beyond what its imports hold."""
     cmd = [sys.executable, "-m", "benchmarks.vram", "--child", model_name, "--quant", mode,
            "--max_seq_len", str(max_seq_len), "--max_batch_size", str(batch)]
     if ckpt_dir is not None:
         cmd += ["--ckpt_dir", ckpt_dir]
+    if n_layers is not None:
+        cmd += ["--n_layers", str(n_layers)]
     child = run_sampled(cmd, cwd=Path(__file__).parent.parent)
     result = child.last_json()
     peak = child.peak_rss_anon - result["rss_anon_before"]
@@ -188,6 +199,10 @@ def measure_cpu(model_name: str, mode: str, ckpt_dir: str | None, max_seq_len: i
 
 # --- CLI ------------------------------------------------------------------------------------------
 
+def with_blocks(args: ModelArgs, n_layers: int | None) -> ModelArgs:
+    return args if n_layers is None else replace(args, n_layers=n_layers)
+
+
 def as_list(value: str | tuple | list) -> list[str]:
     return [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
 
@@ -196,10 +211,13 @@ def main(max_seq_len: int = 2048, max_batch_size: int = 1, models: str | tuple =
          quant: str | tuple = DEFAULT_MODES, budget_gb: float = 24.0, cpu_budget_gb: float = 4.0,
          cpu_models: str | tuple = CPU_MODELS, cpu_modes: str | tuple = CPU_MODES,
          prefill_tokens: int | None = None, decode_tokens: int = 16, measure: bool = True,
-         ckpt_dir: str | None = None, json: bool = False, child: str | None = None) -> None:
+         ckpt_dir: str | None = None, json: bool = False, child: str | None = None,
+         n_layers: int | None = None) -> None:
     """Weights, KV cache and peak memory per shape and mode; --measure False prints computed figures only."""
+    if n_layers is not None and (n_layers < 1 or ckpt_dir is not None):
+        raise ValueError(f"n_layers ({n_layers}) must be >= 1, and applies to --models, not to --ckpt_dir")
     if child is not None:  # a CPU measurement's child process
-        print(jsonlib.dumps(measure_cpu_here(child, str(quant), ckpt_dir, max_seq_len, max_batch_size)))
+        print(jsonlib.dumps(measure_cpu_here(child, str(quant), ckpt_dir, max_seq_len, max_batch_size, n_layers)))
         return
     if ckpt_dir is not None:
         from llama_int8.formats import open_checkpoint
@@ -210,7 +228,7 @@ def main(max_seq_len: int = 2048, max_batch_size: int = 1, models: str | tuple =
         unknown = [m for m in as_list(models) if m not in MODELS]
         if unknown:
             raise ValueError(f"models: {unknown} not among {', '.join(MODELS)}")
-        shapes = {m: MODELS[m] for m in as_list(models)}
+        shapes = {m: with_blocks(MODELS[m], n_layers) for m in as_list(models)}
     modes = [parse_quant_mode(m).name for m in as_list(quant)]
     cpu_mode_names = [parse_quant_mode(m).name for m in as_list(cpu_modes)]
     gpu = torch.cuda.is_available()
@@ -223,7 +241,8 @@ def main(max_seq_len: int = 2048, max_batch_size: int = 1, models: str | tuple =
     rows = []
     for name, args in shapes.items():
         for mode in modes:
-            row = computed_row(name, args, mode, max_seq_len, max_batch_size, int(budget_gb * GiB))
+            label = name if n_layers is None else f"{name} ({n_layers} blocks)"
+            row = computed_row(label, args, mode, max_seq_len, max_batch_size, int(budget_gb * GiB))
             fits = row["weight bytes"] + row["kv bytes"] < (0.9 * limit if gpu else limit)
             chosen = gpu or ckpt_dir is not None or (name in as_list(cpu_models) and mode in cpu_mode_names)
             if measure and fits and chosen:
@@ -232,7 +251,7 @@ def main(max_seq_len: int = 2048, max_batch_size: int = 1, models: str | tuple =
                     row.update(measure_gpu(args, mode, ckpt_dir, max_seq_len, max_batch_size, prefill_tokens,
                                            decode_tokens))
                 else:
-                    row.update(measure_cpu(name, mode, ckpt_dir, max_seq_len, max_batch_size))
+                    row.update(measure_cpu(name, mode, ckpt_dir, max_seq_len, max_batch_size, n_layers))
             rows.append(row)
     if not json:
         for row in rows:
