@@ -122,7 +122,8 @@ class Llama:
             n_generated += emitted
             done |= (emitted & torch.isin(nxt, stop_tensor)) | (n_generated >= max_gen_len)
             prev_pos = cur_pos
-            # One device-to-host copy per step, the only wait on a GPU: the tokens, and what to do next.
+            # One device-to-host copy per step, the loop's only wait on a GPU: the tokens, and what to do
+            # next. (int8 layers with an outlier threshold wait too, inside bitsandbytes: README, Quantization.)
             step_tokens, step_emitted, step_done = torch.stack((nxt, emitted.long(), done.long())).tolist()
             yield [t if e else None for t, e in zip(step_tokens, step_emitted)]
             if all(step_done):
