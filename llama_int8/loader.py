@@ -7,20 +7,25 @@ checkpoint yields them, and each source tensor is freed before the next is read.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .formats import Checkpoint, NamedTensor
-from .formats.common import checked_tensors
-from .memory import return_freed_host_memory
-from .model import ModelArgs, Transformer
-from .quantize import QuantConfig
+from .formats import Checkpoint, CheckpointError, NamedTensor
+from .formats.common import check_finite, checked_tensors
+from .memory import GiB, MiB, return_freed_host_memory
+from .model import ModelArgs, Transformer, kv_cache_bytes
+from .quantize import NonFiniteWeightError, QuantConfig, quantized_layer_names, quantized_weight_bytes
 from .quantized_layers import LinearHook, make_linear_hook, quantized_linear, share_input
 
 log = logging.getLogger(__name__)
+
+
+class NotEnoughMemoryError(ValueError):
+    """The weights and the KV cache asked for do not fit in the device's free memory."""
 
 
 def default_device() -> torch.device:
@@ -35,6 +40,66 @@ def default_dtype(device: torch.device) -> torch.dtype:
         return torch.float32
     major, _ = torch.cuda.get_device_capability(device)
     return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def check_memory_fits(model: Transformer, cfg: QuantConfig, device: torch.device, dtype: torch.dtype,
+                      max_batch_size: int, max_seq_len: int) -> None:
+    """Refuse, before anything is allocated, weights and a KV cache that need more than the device
+    has free (the host's MemAvailable; a GPU's free memory): an allocator failure, or the kernel's
+    OOM killer, says less and comes later."""
+    free = free_memory_bytes(device)
+    if free is None:
+        return
+    weights = expected_weight_bytes(model, cfg, dtype)
+    cache = kv_cache_bytes(model.args, max_batch_size, max_seq_len, dtype, model.args.sliding_window)
+    if weights + cache <= free:
+        return
+    advice = ("lower --max_seq_len or --max_batch_size" if weights < free else
+              "the weights alone do not fit: choose a smaller --quant mode or a bigger device")
+    raise NotEnoughMemoryError(
+        f"{device}: loading needs {size(weights)} of {cfg.name} weights and {size(cache)} of KV cache "
+        f"(--max_batch_size {max_batch_size} x --max_seq_len {max_seq_len}), {weights + cache} bytes in all, "
+        f"but {free} bytes ({size(free)}) are free; {advice}")
+
+
+def size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory the device can still give: the host's MemAvailable (free plus reclaimable caches), or
+    a GPU's free memory; None where the system does not say."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def expected_weight_bytes(model: Transformer, cfg: QuantConfig, dtype: torch.dtype) -> int:
+    """Bytes the weights of a meta-device model will take once loaded: quantized layers as cfg
+    stores them, every other parameter in dtype (a tied head counted once)."""
+    quantized = set(quantized_layer_names(model.args.n_layers, cfg.quantize_head)) if cfg.enabled else set()
+    total = 0
+    for name, p in model.named_parameters():
+        module = name.removesuffix(".weight")
+        if name == "output.weight" and model.args.tie_word_embeddings:
+            continue
+        if module in quantized:
+            total += quantized_weight_bytes(p.shape[0], p.shape[1], cfg)
+        else:
+            total += p.numel() * dtype.itemsize
+    return total
 
 
 def load_weights(model: Transformer, checkpoint: Checkpoint, cfg: QuantConfig, device: torch.device,
@@ -81,7 +146,8 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
     freeing the source at once; a tied head is skipped and tied after.
 
     Raises CheckpointError naming the file and key for an unknown name, a wrong shape, a tensor given
-    twice, or parameters the checkpoint never provided.
+    twice, an integer tensor, NaN or infinite values (in the file, or once converted to dtype), or
+    parameters the checkpoint never provided.
     """
     # Parameters already on a device (layers restored quantized) are not expected again.
     expected = {name: tuple(p.shape) for name, p in model.named_parameters() if p.is_meta}
@@ -93,11 +159,15 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
         module = model.get_submodule(module_path)
         replacement = None
         if linear_hook is not None and (is_block_linear(item.name) or item.name == "output.weight"):
-            replacement = linear_hook(item.name, module, item.tensor)
+            try:
+                replacement = linear_hook(item.name, module, item.tensor)
+            except NonFiniteWeightError as e:  # the quantizer saw it in its scales
+                raise CheckpointError(f"{item.source}: tensor {item.name!r} {e}") from e
         if replacement is not None:
             set_submodule(model, module_path, replacement)
         else:
             value = item.tensor.to(device=device, dtype=dtype)
+            check_finite(value, item.name, item.source)
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         del item  # drop the last reference to the source tensor before reading the next one
         return_freed_host_memory()

@@ -38,6 +38,11 @@ DEFAULT_BLOCKSIZE_DOUBLE_QUANT = 32
 # which measured twice as fast as 4 MB chunks.
 CHUNK_ELEMENTS = 1 << 18
 
+
+class NonFiniteWeightError(ValueError):
+    """A weight holds NaN or infinite values, which quantizing would turn into garbage silently."""
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How linear weights are quantized.
@@ -154,7 +159,18 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
         scb[start:start + rows] = absmax
         scale = (127.0 / absmax.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(1)  # [rows, 1]
         cb[start:start + rows] = block.mul_(scale).round_()
+    check_finite_scales(scb, "row")
     return {"weight": cb, "SCB": scb}
+
+
+def check_finite_scales(absmax: torch.Tensor, unit: str) -> None:
+    """Raise NonFiniteWeightError when a scale is NaN or infinite: each scale is the largest |value|
+    of its row or block, which NaN or an infinity there makes non-finite, so this checks every value
+    of the weight at the cost of one look at the scales."""
+    bad = (~torch.isfinite(absmax)).nonzero()
+    if len(bad):
+        raise NonFiniteWeightError(f"holds NaN or infinite values (in {len(bad)} {unit}s; the first: {unit} "
+                                   f"{int(bad[0])})")
 
 
 def quantize_4bit(weight: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
@@ -172,6 +188,7 @@ def quantize_4bit(weight: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Ten
                                       quant_type=cfg.mode)
         packed[first // 2:first // 2 + q.shape[0]] = q
         absmax[first // bs:first // bs + state.absmax.numel()] = state.absmax
+    check_finite_scales(absmax, "block")
     code = bnbf.get_4bit_type(cfg.mode, device="cpu")
     if cfg.double_quant:
         offset = absmax.mean()

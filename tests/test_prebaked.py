@@ -120,16 +120,21 @@ def test_small_shards_round_trip(meta_source, tmp_path):
 
 # --- Refusing to overwrite, and atomic writes ----------------------------------------------------
 
-def test_existing_out_dir_is_refused_without_force(meta_source, tmp_path):
+def test_existing_out_dir_is_refused_without_force(meta_source, baked_int8, tmp_path):
+    """Without force nothing is replaced; force replaces only a folder this project wrote."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--force") as info:
-        write_prebaked(open_checkpoint(meta_source), out, parse_quant_mode("int8"))
-    assert str(out) in str(info.value)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
-    write_prebaked(open_checkpoint(meta_source), out, parse_quant_mode("int8"), force=True)
-    assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).exists()
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="--force") as info:
+            write_prebaked(open_checkpoint(meta_source), out, parse_quant_mode("int8"), force=force)
+        assert str(out) in str(info.value) and "keep.txt" in str(info.value)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
+    baked = Path(shutil.copytree(baked_int8, tmp_path / "baked"))
+    with pytest.raises(FileExistsError, match="--force"):
+        write_prebaked(open_checkpoint(meta_source), baked, parse_quant_mode("nf4"))
+    write_prebaked(open_checkpoint(meta_source), baked, parse_quant_mode("nf4"), force=True)
+    assert read_manifest(baked).quant.name == "nf4"
     assert leftovers(tmp_path) == []
 
 
@@ -284,6 +289,8 @@ def test_packed_4bit_state_disagreeing_with_the_manifest(meta_source, tmp_path):
     tensors[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
     save_file(tensors, shard, metadata={"format": "pt"})
     edit_manifest(out, lambda d: d["tensors"][key].update(shape=list(tensors[key].shape)))
-    with pytest.raises(CheckpointError, match="blocksize") as info:
+    with pytest.raises(CheckpointError, match="changed or replaced"):  # the checksum sees the edit first
         Llama.build(out, device="cpu", max_seq_len=8)
+    with pytest.raises(CheckpointError, match="blocksize") as info:
+        Llama.build(out, device="cpu", max_seq_len=8, verify=False)
     assert str(shard) in str(info.value) and "layers.1.feed_forward.w3" in str(info.value)

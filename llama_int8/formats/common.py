@@ -127,8 +127,8 @@ def check_finite(tensor: torch.Tensor, name: str, source: str) -> None:
     if torch.isfinite(values.sum()) or bool(torch.isfinite(values).all()):
         return
     bad = int((~torch.isfinite(values)).sum())
-    raise CheckpointError(f"{source}: tensor {name!r} holds {bad} NaN or infinite values"
-                          + (f" as {str(tensor.dtype).removeprefix('torch.')}" if tensor.dtype != torch.float32 else ""))
+    as_dtype = f" as {str(tensor.dtype).removeprefix('torch.')}" if tensor.dtype != torch.float32 else ""
+    raise CheckpointError(f"{source}: tensor {name!r} holds {bad} NaN or infinite values{as_dtype}")
 
 
 # --- Names -----------------------------------------------------------------------------------------

@@ -2,14 +2,18 @@
 
 A folder holds:
     manifest.json                format name and version, quant settings, model config, source
-                                 checkpoint, tool versions, and every tensor with its shard, dtype, shape
+                                 checkpoint, tool versions, every shard with its size and SHA-256, and
+                                 every tensor with its shard, dtype, shape
     quantized-00001.safetensors  quantized linear layers under bitsandbytes' state-dict names
     ...                          (layers.0.attention.wq.weight, layers.0.attention.wq.SCB, ...), and the
                                  embedding, norms and head (unless quantized) in the source's dtype
     tokenizer files              copied from the source checkpoint
+    written_by_llama_int8.json   the marker every folder this project writes holds (formats/writing.py)
 
-The manifest is written last and the folder is renamed into place only when complete. The reader
-checks the manifest against the model configuration and the shards' headers, then returns each
+The folder is written through formats/writing.py: into a temporary folder renamed into place only
+when complete, never over a folder this project did not write. The reader checks the manifest
+against the model configuration, the shards' headers and (unless told not to) their checksums,
+which refuse a shard changed or swapped after writing, even for one of the same shapes; it returns each
 quantized layer's saved tensors; the loader builds layers from them with the function that builds
 layers quantized at load time, so both give bit-identical outputs and no 16-bit copy of a quantized
 layer is ever made.
@@ -17,11 +21,10 @@ layer is ever made.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -32,20 +35,24 @@ import torch
 from safetensors.torch import save_file
 
 from ..model import ModelArgs, parameter_shapes
-from ..quantize import (BITSANDBYTES_VERSION, QuantConfig, check_packed_quant_state, expected_quantized_tensors,
-                        quantize_weight, quantized_layer_names)
+from ..quantize import (BITSANDBYTES_VERSION, NonFiniteWeightError, QuantConfig, check_packed_quant_state,
+                        expected_quantized_tensors, quantize_weight, quantized_layer_names)
 from ..tokenizer import find_tokenizer_file
 from ..version import __version__
-from .common import (Checkpoint, CheckpointError, NamedTensor, QuantizedLayer, checked_tensors, open_safetensors,
-                     read_json, read_safetensors_tensor)
+from .common import (Checkpoint, CheckpointError, NamedTensor, QuantizedLayer, check_finite, checked_tensors,
+                     file_inside, open_safetensors, read_json, read_safetensors_tensor)
+from .model_config import model_args_from
+from .writing import identity, make_readable, move_into_place, new_folder  # noqa: F401 (see replace_folder)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "llama_int8-prebaked"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a size and SHA-256 per shard
 MANIFEST_NAME = "manifest.json"
+KIND = "prebaked"  # the kind named in the folder's writing marker
 SHARD_PREFIX = "quantized-"
 SHARD_BYTES = 2 * 1024**3
+HASH_CHUNK = 1 << 22  # bytes read per step while checksumming a shard
 # Files that travel with a tokenizer (Hugging Face's read BOS/EOS and stop ids from the configs).
 TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                         "chat_template.jinja", "config.json")
@@ -58,12 +65,19 @@ class TensorEntry:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class ShardRecord:
+    bytes: int
+    sha256: str
+
+
 @dataclass
 class Manifest:
     folder: Path
     quant: QuantConfig
     args: ModelArgs
     tensors: dict[str, TensorEntry]
+    shard_records: dict[str, ShardRecord]
     source: dict
     tool: dict
 
@@ -80,13 +94,23 @@ def is_prebaked_folder(folder: Path) -> bool:
     return (folder / MANIFEST_NAME).exists() or any(folder.glob(f"{SHARD_PREFIX}*.safetensors"))
 
 
+def is_prebaked_manifest_folder(folder: Path) -> bool:
+    """Whether folder's manifest says it is pre-baked, whatever its version: what folders written
+    before writing markers existed (version 1) are recognised by."""
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class PrebakedCheckpoint(Checkpoint):
-    """A pre-baked folder: its quantized layers as bitsandbytes' tensors, then its 16-bit tensors."""
+    """A pre-baked folder: its quantized layers as bitsandbytes' tensors, then its 16-bit tensors.
+    verify: check every shard's checksum against the manifest (reads each shard once)."""
 
     format = "prebaked"
 
-    def __init__(self, folder: Path):
-        self.manifest = read_manifest(folder)
+    def __init__(self, folder: Path, verify: bool = True):
+        self.manifest = read_manifest(folder, verify)
         self.location, self.args, self.quant = folder, self.manifest.args, self.manifest.quant
 
     def quantized_layers(self) -> Iterator[QuantizedLayer]:
@@ -138,6 +162,7 @@ class ShardWriter:
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.table: dict[str, TensorEntry] = {}
+        self.records: dict[str, ShardRecord] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -149,42 +174,44 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        shard = f"{SHARD_PREFIX}{len(self.shards()) + 1:05d}.safetensors"
+        shard = f"{SHARD_PREFIX}{len(self.records) + 1:05d}.safetensors"
         save_file(self.pending, self.folder / shard, metadata={"format": "pt"})
+        self.records[shard] = shard_record(self.folder / shard)
         for name, t in self.pending.items():
             self.table[name] = TensorEntry(shard, dtype_name(t.dtype), tuple(t.shape))
         self.pending, self.pending_bytes = {}, 0
 
-    def shards(self) -> set[str]:
-        return {e.shard for e in self.table.values()}
+
+def shard_record(path: Path) -> ShardRecord:
+    """The file's size and SHA-256, read a few MB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return ShardRecord(path.stat().st_size, digest.hexdigest())
 
 
 def write_prebaked(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig, force: bool = False,
                    tokenizer_path: str | Path | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
     """Quantize checkpoint tensor by tensor into a new pre-baked folder out_dir; returns its path.
 
-    Written into a temporary folder beside out_dir and renamed into place when complete. An existing
-    out_dir is refused (FileExistsError) unless force, and is then replaced only after success.
+    Written through formats/writing.new_folder: an existing out_dir is refused (FileExistsError)
+    unless force and it is a folder this project wrote, which is then replaced only after success;
+    an out_dir that is, contains or lies inside the source is refused (ValueError).
     """
     out = Path(out_dir)
     if checkpoint.quant is not None:
         raise ValueError(f"{checkpoint.location} is already pre-baked or quantized ({checkpoint.quant.name})")
     if not cfg.enabled:
         raise ValueError("quant 'none' leaves nothing to pre-bake; choose int8, nf4, nf4-dq, fp4 or fp4-dq")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    if out.resolve() == checkpoint.location.resolve():
-        raise ValueError(f"{out}: the output folder cannot be the source checkpoint folder")
     if cfg.quantize_head and checkpoint.args.tie_word_embeddings:
         log.warning("%s ties the head to the embedding: the head is kept 16-bit", checkpoint.location)
         cfg = replace(cfg, quantize_head=False)
     from_gguf = checkpoint.format == "gguf" and tokenizer_path is None  # the tokenizer is inside the file
     tokenizer = checkpoint.location if from_gguf else find_tokenizer_file(checkpoint.folder, tokenizer_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        start = time.perf_counter()
-        table = write_quantized_shards(checkpoint, cfg, tmp, shard_bytes)
+    start = time.perf_counter()
+    with new_folder(out, KIND, [*checkpoint.paths(), tokenizer], force, also_ours=is_prebaked_manifest_folder) as tmp:
+        writer = write_quantized_shards(checkpoint, cfg, tmp, shard_bytes)
         if from_gguf:
             checkpoint.tokenizer().save(tmp)  # tokenizer.json + tokenizer_config.json for HFTokenizer
         else:
@@ -195,35 +222,37 @@ def write_prebaked(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig
             "source": {**checkpoint.record(), "tokenizer": str(tokenizer.resolve())},
             "tool": {"name": "llama_int8", "version": __version__, "bitsandbytes": BITSANDBYTES_VERSION,
                      "torch": torch.__version__},
+            "shards": {name: asdict(r) for name, r in writer.records.items()},
             "tensors": {name: {"shard": e.shard, "dtype": e.dtype, "shape": list(e.shape)}
-                        for name, e in table.items()},
+                        for name, e in writer.table.items()},
         }
         (tmp / MANIFEST_NAME).write_text(manifest_json(manifest))
-        make_readable(tmp)
-        replace_folder(tmp, out)
-        log.info("Wrote %s (%s) in %.1f s", out, cfg.name, time.perf_counter() - start)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    log.info("Wrote %s (%s) in %.1f s", out, cfg.name, time.perf_counter() - start)
     return out
 
 
-def write_quantized_shards(checkpoint: Checkpoint, cfg: QuantConfig, folder: Path, shard_bytes: int
-                           ) -> dict[str, TensorEntry]:
-    """Stream the checkpoint through the loader's checks, quantizing the layers cfg names."""
+def write_quantized_shards(checkpoint: Checkpoint, cfg: QuantConfig, folder: Path, shard_bytes: int) -> ShardWriter:
+    """Stream the checkpoint through the loader's checks, quantizing the layers cfg names; a weight
+    holding NaN or infinite values is refused by name (the quantizer's scales show it, the other
+    tensors are summed)."""
     quantized = {f"{path}.weight" for path in quantized_layer_names(checkpoint.args.n_layers, cfg.quantize_head)}
     writer = ShardWriter(folder, shard_bytes)
     tied = frozenset({"output.weight"}) if checkpoint.args.tie_word_embeddings else frozenset()
     for item in checked_tensors(checkpoint.tensors(), parameter_shapes(checkpoint.args), ignored=tied):
         if item.name in quantized:
             module_path = item.name.removesuffix(".weight")
-            for key, value in quantize_weight(item.tensor, cfg).items():
+            try:
+                tensors = quantize_weight(item.tensor, cfg)
+            except NonFiniteWeightError as e:
+                raise CheckpointError(f"{item.source}: tensor {item.name!r} {e}") from e
+            for key, value in tensors.items():
                 writer.add(f"{module_path}.{key}", value)
         else:
+            check_finite(item.tensor, item.name, item.source)
             writer.add(item.name, item.tensor)
         del item
     writer.flush()
-    return writer.table
+    return writer
 
 
 def manifest_json(manifest: dict) -> str:
@@ -233,13 +262,11 @@ def manifest_json(manifest: dict) -> str:
     return head.removesuffix("\n}") + ',\n "tensors": {\n' + rows + "\n }\n}\n"
 
 
-def make_readable(folder: Path) -> None:
-    """Give the folder and its files the usual permissions (mkdtemp and safetensors make them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
+# Until formats/export.py's switch to writing.new_folder is committed, its committed version imports
+# make_readable and replace_folder from here. Remove both once it is.
+def replace_folder(new: Path, target: Path) -> None:
+    """Rename new to target, replacing the folder there, for export.py's stand-in writer only."""
+    move_into_place(new, target, identity(target) if target.exists() else None)
 
 
 def copy_tokenizer(tokenizer: Path, folder: Path) -> None:
@@ -250,29 +277,14 @@ def copy_tokenizer(tokenizer: Path, folder: Path) -> None:
                 shutil.copy2(tokenizer.parent / name, folder / name)
 
 
-def replace_folder(new: Path, target: Path) -> None:
-    """Rename new to target; an existing target is moved aside first and deleted only afterwards."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-    os.replace(target, old / target.name)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / target.name, target)  # put the old folder back: never leave neither in place
-        old.rmdir()
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # --- Reading ---------------------------------------------------------------------------------------
 
-def read_manifest(folder: str | Path) -> Manifest:
-    """The manifest of a pre-baked folder, checked against itself and against the shards' headers.
+def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
+    """The manifest of a pre-baked folder, checked against itself, against the shards' headers and,
+    with verify, against the shards' checksums.
 
-    Raises CheckpointError when the manifest is missing, of another format or version, or disagrees
-    with the tensors the shards hold.
+    Raises CheckpointError when the manifest is missing, of another format or version, names a file
+    outside the folder, or disagrees with the shards.
     """
     folder = Path(folder)
     path = folder / MANIFEST_NAME
@@ -280,28 +292,53 @@ def read_manifest(folder: str | Path) -> Manifest:
         raise CheckpointError(f"{folder}: pre-baked shards without {MANIFEST_NAME}: the folder is incomplete; "
                               "quantize it again with quantize_offline.py")
     data = read_json(path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a llama_int8 pre-baked manifest (format "
-                              f"{data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT!r})")
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a llama_int8 pre-baked manifest (format {data.get('format')!r}, "
+                              f"expected {FORMAT!r})")
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {data.get('format_version')!r}, but this llama_int8 "
                               f"reads version {FORMAT_VERSION}; quantize the source again with quantize_offline.py")
     try:
         quant = QuantConfig.from_dict(data["quant"])
-        model_keys = {f.name for f in fields(ModelArgs)}
-        unknown = sorted(set(data["model"]) - model_keys)
+        unknown = sorted(set(data["model"]) - {f.name for f in fields(ModelArgs)})
         if unknown:
             raise ValueError(f"unknown model keys {unknown}")
-        args = ModelArgs(**data["model"])
         tensors = {name: TensorEntry(e["shard"], e["dtype"], tuple(e["shape"])) for name, e in data["tensors"].items()}
-    except (KeyError, TypeError, ValueError) as e:
+        records = {name: ShardRecord(int(r["bytes"]), str(r["sha256"])) for name, r in data["shards"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
     if not quant.enabled:
         raise CheckpointError(f"{path}: quant mode 'none' in a pre-baked manifest")
-    manifest = Manifest(folder, quant, args, tensors, data.get("source", {}), data.get("tool", {}))
+    args = model_args_from(path, {name: (f"model.{name}", value) for name, value in data["model"].items()})
+    manifest = Manifest(folder, quant, args, tensors, records, data.get("source", {}), data.get("tool", {}))
     check_manifest_against_config(manifest, path)
+    check_shard_list(manifest, path)
     check_shards_against_manifest(manifest, path)
+    if verify:
+        verify_shard_checksums(manifest, path)
     return manifest
+
+
+def check_shard_list(manifest: Manifest, path: Path) -> None:
+    """The shards the tensors name are the shards with a checksum, each a file inside the folder."""
+    for shard in manifest.shard_records:
+        file_inside(manifest.folder, shard, path)
+    unrecorded = sorted(set(manifest.shards) ^ set(manifest.shard_records))
+    if unrecorded:
+        raise CheckpointError(f"{path}: shards {unrecorded} are not both in \"shards\" (with a checksum) and "
+                              "named by a tensor")
+
+
+def verify_shard_checksums(manifest: Manifest, path: Path) -> None:
+    """Each shard's size and SHA-256 are the ones recorded when it was written."""
+    for shard, want in manifest.shard_records.items():
+        file = manifest.folder / shard
+        got = shard_record(file) if file.stat().st_size == want.bytes else ShardRecord(file.stat().st_size, "")
+        if got != want:
+            what = (f"is {got.bytes} bytes, {path.name} recorded {want.bytes}" if got.bytes != want.bytes else
+                    f"has SHA-256 {got.sha256[:16]}..., {path.name} recorded {want.sha256[:16]}...")
+            raise CheckpointError(f"{file}: {what}: the shard was changed or replaced since the folder was written "
+                                  "(by a shard of another bake?); quantize the source again with quantize_offline.py")
 
 
 def check_manifest_against_config(manifest: Manifest, path: Path) -> None:

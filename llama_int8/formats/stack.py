@@ -45,12 +45,13 @@ from pathlib import Path
 import torch
 
 from ..model import ModelArgs, parameter_shapes
-from .common import (Checkpoint, CheckpointError, NamedTensor, hf_to_meta_name, open_safetensors, read_json,
-                     read_safetensors_tensor, unpermute_rotary_rows)
+from .common import (Checkpoint, CheckpointError, NamedTensor, hf_to_meta_name, indexed_safetensors_files,
+                     open_safetensors, read_json, read_safetensors_tensor, unpermute_rotary_rows)
 from .detect import open_single_checkpoint
 from .hf import hf_model_args
-from .meta import load_meta_shard, merge_meta_shards, meta_model_args
+from .meta import load_meta_shard, merge_meta_shards, meta_model_args, numbered_meta_shards
 from .prebaked import is_prebaked_folder
+from .writing import refuse_unfinished_write
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ class CheckpointStack(Checkpoint):
         base = {**self.base.record(), "kind": "base"}
         return {**self.base.record(), "stack": [base] + [o.record() for o in self.overlays]}
 
+    def paths(self) -> list[Path]:
+        return [*self.base.paths(), *(o.folder for o in self.overlays)]
+
 
 def merge_tensor(item: NamedTensor, entries: list[OverlayEntry]) -> NamedTensor:
     """Apply entries in order to item: a replacement takes its place, additions accumulate in float32
@@ -156,10 +160,10 @@ def as_folder_list(value: str | Path | Sequence[str | Path] | None, argument: st
 
 
 def open_checkpoint(ckpt_dir: str | Path | Sequence[str | Path],
-                    delta: str | Path | Sequence[str | Path] | None = None) -> Checkpoint:
+                    delta: str | Path | Sequence[str | Path] | None = None, verify: bool = True) -> Checkpoint:
     """The checkpoint at ckpt_dir: one folder or .gguf file of any format, or a stack (several paths,
     or "a,b" / "[a,b]"): the first folder with the later folders and then the delta folders merged
-    into it in order.
+    into it in order. verify: check a pre-baked folder's shard checksums (which reads it once).
 
     Raises CheckpointError naming the folder, file or key when something cannot be read or stacked.
     """
@@ -170,8 +174,8 @@ def open_checkpoint(ckpt_dir: str | Path | Sequence[str | Path],
     base_folder, overlay_folders = folders[0], folders[1:]
     check_base_folder(base_folder)
     if not overlay_folders and not deltas:
-        return open_single_checkpoint(base_folder)
-    base = open_single_checkpoint(base_folder)
+        return open_single_checkpoint(base_folder, verify)
+    base = open_single_checkpoint(base_folder, verify)
     if base.format not in ("meta", "hf"):
         raise CheckpointError(f"{base_folder}: a {base.format} checkpoint holds quantized layers and cannot be the "
                               "base of a stack; stack the 16-bit Meta or Hugging Face checkpoints (and quantize the "
@@ -227,6 +231,7 @@ def open_overlay(folder: Path, base: ModelArgs, params: dict[str, tuple[int, ...
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: overlay folder does not exist" + (
             "; GGUF files hold quantized layers and cannot be stacked" if folder.suffix == ".gguf" else ""))
+    refuse_unfinished_write(folder, CheckpointError)
     if is_prebaked_folder(folder):
         raise CheckpointError(f"{folder}: a pre-baked folder holds quantized layers and cannot be stacked; "
                               "stack the 16-bit checkpoints and quantize the result with quantize_offline.py")
@@ -267,10 +272,10 @@ def open_tensor_file(path: Path) -> TensorFile:
 
 
 def overlay_tensor_files(folder: Path) -> list[Path]:
-    pth = sorted(folder.glob("consolidated.*.pth"))
+    pth = numbered_meta_shards(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        safetensors = [folder / name for name in dict.fromkeys(read_json(index).get("weight_map", {}).values())]
+        safetensors = indexed_safetensors_files(index)
     else:
         safetensors = sorted(folder.glob("*.safetensors"))
     if pth and safetensors:

@@ -180,7 +180,8 @@ def check_replaceable(out: Path, kind: str, force: bool, also_ours: Callable[[Pa
     found = folder_kind(out) or (kind if also_ours is not None and also_ours(out) else None)
     if found is None:
         raise FileExistsError(f"{out} already exists and was not written by llama_int8 (it holds "
-                              f"{describe_contents(out)}); choose another output folder or remove it yourself")
+                              f"{describe_contents(out)}), so --force does not replace it either; choose another "
+                              "output folder or remove it yourself")
     if not force:
         raise FileExistsError(f"{out} already exists (a {found} folder written by llama_int8); pass --force to "
                               "replace it")
