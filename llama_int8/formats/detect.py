@@ -7,6 +7,7 @@ from pathlib import Path
 from .common import Checkpoint, CheckpointError
 from .gguf_file import GGUFCheckpoint
 from .hf import HFCheckpoint
+from .hf_bnb import open_quantized_hf_folder
 from .meta import MetaCheckpoint
 from .prebaked import PrebakedCheckpoint, is_prebaked_folder
 from .writing import refuse_unfinished_write
@@ -28,7 +29,7 @@ def open_single_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     if (folder / "params.json").exists():
         return MetaCheckpoint(folder)
     if (folder / "config.json").exists():
-        return HFCheckpoint(folder)
+        return open_quantized_hf_folder(folder) or HFCheckpoint(folder)
     ggufs = sorted(folder.glob("*.gguf"))
     if len(ggufs) == 1:
         return GGUFCheckpoint(ggufs[0])

@@ -1,35 +1,33 @@
 """What every writer of a Hugging Face-style folder shares (formats hf, hf-bnb, compressed-tensors):
-the output folder, the tokenizer files and generation_config.json beside the weights, and the
-checks on the source.
+the output folder, config.json, the tensors under Hugging Face's names and rotary layout in
+safetensors shards with an index, the tokenizer files and generation_config.json beside them.
+Each format's module says only how its layers are quantized and how its config.json says so.
 
-`new_folder` makes the output: a temporary folder beside out_dir, renamed into place when complete;
-an existing out_dir is replaced only with force, and only when it is a folder of the same kind this
-project wrote. The project's shared writer (formats/writing.py) provides it once it lands; until
-then the stand-in below keeps the same signature, marker file and rules, so that switching is the
-import alone.
+The output folder is formats/writing.py's `new_folder`: a temporary folder beside out_dir, renamed
+into place when complete; an existing out_dir is replaced only with force, and only when it is a
+folder of the same kind this project wrote; never the source or a folder around or inside it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from ..model import ModelArgs, parameter_shapes
 from ..tokenizer import Tokenizer, find_tokenizer_file
-from ..version import __version__
-from .common import Checkpoint
-from .prebaked import make_readable, replace_folder
+from .common import Checkpoint, NamedTensor, checked_tensors, meta_to_hf_name, permute_rotary_rows
+from .writing import new_folder
 
 log = logging.getLogger(__name__)
 
-MARKER_NAME = "written_by_llama_int8.json"  # formats/writing.py's marker: who wrote the folder, what kind
 # Tokenizer files transformers, vLLM and TGI read beside the weights (config.json and
 # generation_config.json are written, not copied).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -38,61 +36,151 @@ GENERATION_CONFIG = "generation_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@contextmanager
-def new_folder(out_dir: str | Path, kind: str, sources: Iterable[Path], force: bool = False) -> Iterator[Path]:
-    """A temporary folder to write out_dir's files into, renamed to out_dir when the block ends
-    without an exception (and removed otherwise, out_dir untouched).
+# --- The folder ------------------------------------------------------------------------------------
+# Layer tensors under Hugging Face's module names (a quantized layer's bitsandbytes or
+# compressed-tensors state dict, or one weight), q/k rows in its rotary layout.
 
-    Refuses (ValueError) an out_dir that is, contains or lies inside one of sources; refuses
-    (FileExistsError) an existing out_dir unless force and its marker says this project wrote a
-    folder of this kind there.
-    """
-    out = Path(out_dir)
-    check_outside_sources(out, sources)
-    if out.exists():
-        check_replaceable(out, kind, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        yield tmp
-        marker = {"written_by": "llama_int8", "kind": kind, "state": "complete", "version": __version__,
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
-        make_readable(tmp)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# Makes a quantized layer's tensors (suffix -> tensor) from its [out, in] weight.
+LayerQuantizer = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+# The block linears a quantized export quantizes (the head stays 16-bit: transformers and vLLM expect it).
+QUANTIZED_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
 
 
-def check_outside_sources(out: Path, sources: Iterable[Path]) -> None:
-    target = out.resolve()
-    for source in sources:
-        src = Path(source).resolve()
-        if target == src or target in src.parents or src in target.parents:
-            raise ValueError(f"{out}: the output folder cannot be, contain or lie inside the source {source}")
+def write_hf_folder(checkpoint: Checkpoint, out_dir: str | Path, kind: str, dtype: torch.dtype | None, force: bool,
+                    tokenizer_path: str | Path | None, shard_bytes: int, quantize: LayerQuantizer | None = None,
+                    quantization_config: Callable[[torch.dtype], dict] | None = None) -> Path:
+    """Write checkpoint as a Hugging Face folder out_dir of this kind: the block linears through
+    quantize (when given), every other tensor in dtype (None: the source's), config.json (with
+    quantization_config(dtype written), when given), tokenizer files and generation_config.json."""
+    check_unquantized_source(checkpoint, kind)
+    tokenizer = checkpoint.tokenizer(tokenizer_path)
+    start = time.perf_counter()
+    with new_folder(out_dir, kind, checkpoint.paths(), force) as folder:
+        writer = HFShardWriter(folder, shard_bytes)
+        written_dtype = write_hf_tensors(checkpoint, dtype, writer, quantize)
+        writer.finish()
+        quantization = quantization_config(written_dtype) if quantization_config is not None else None
+        config = hf_config(checkpoint.args, written_dtype, special_token_ids(tokenizer), quantization)
+        (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        write_tokenizer_files(checkpoint, tokenizer, folder, tokenizer_path)
+    log.info("Wrote %s (%s, %s) in %.1f s", out_dir, kind, str(written_dtype).removeprefix("torch."),
+             time.perf_counter() - start)
+    return Path(out_dir)
 
 
-def check_replaceable(out: Path, kind: str, force: bool) -> None:
-    try:
-        marker = json.loads((out / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        marker = None
-    ours = isinstance(marker, dict) and marker.get("written_by") == "llama_int8" and marker.get("kind") == kind
-    if not ours:
-        raise FileExistsError(f"{out} already exists and is not a {kind} folder written by llama_int8 (no "
-                              f"{MARKER_NAME} saying so); choose another output folder or remove it yourself")
-    if not force:
-        raise FileExistsError(f"{out} already exists (a {kind} folder written by llama_int8); pass --force to replace it")
+def write_hf_tensors(checkpoint: Checkpoint, dtype: torch.dtype | None, writer: HFShardWriter,
+                     quantize: LayerQuantizer | None) -> torch.dtype:
+    """Stream the checkpoint's tensors into writer under Hugging Face's names, quantizing the block
+    linears from their rows in Hugging Face's layout when quantize is given; returns the dtype of
+    the 16/32-bit tensors written. Weights are cast to dtype before quantizing, as transformers'
+    from_pretrained(dtype=...) casts them."""
+    written_dtype = dtype
+    for item in hf_ordered_tensors(checkpoint):
+        tensor = item.tensor if dtype is None else item.tensor.to(dtype)
+        written_dtype = written_dtype or tensor.dtype
+        hf_name = meta_to_hf_name(item.name)
+        module = hf_name.removesuffix(".weight")
+        if quantize is not None and QUANTIZED_LINEAR.fullmatch(module):
+            for key, value in quantize(tensor).items():
+                writer.add(f"{module}.{key}", value)
+        else:
+            writer.add(hf_name, tensor)
+        del item, tensor
+    return written_dtype
+
+
+HF_SHARD_LIMIT = 5 * 10**9  # the largest shard Hugging Face's tools write by default (5 GB)
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, token_ids: dict, quantization_config: dict | None = None) -> dict:
+    """config.json for args (the inverse of hf_model_args): a LlamaForCausalLM, or a MistralForCausalLM
+    when it has a sliding window. rope_theta and rope_scaling are spelled at the top level, which
+    transformers 4 and 5, vLLM and text-generation-inference all read."""
+    mistral = args.sliding_window is not None
+    config = {
+        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        "model_type": "mistral" if mistral else "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "rope_scaling": args.rope_scaling or None, "tie_word_embeddings": args.tie_word_embeddings,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."), **token_ids,
+    }
+    if args.max_position_embeddings is not None:
+        config["max_position_embeddings"] = args.max_position_embeddings
+    if mistral:
+        config["sliding_window"] = args.sliding_window
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    return config
+
+
+def to_hf_layout(name: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """q/k rows from Meta's interleaved rotary layout to Hugging Face's half-split one (other tensors as they are)."""
+    if name.endswith("attention.wq.weight"):
+        return permute_rotary_rows(t, args.n_heads, args.head_dim)
+    if name.endswith("attention.wk.weight"):
+        return permute_rotary_rows(t, args.n_kv_heads, args.head_dim)
+    return t
+
+
+def hf_ordered_tensors(checkpoint: Checkpoint) -> Iterator[NamedTensor]:
+    """The checkpoint's tensors, checked against its configuration, in Hugging Face's rotary layout
+    (under Meta's names still); a tied head is left out, as Hugging Face saves it."""
+    args = checkpoint.args
+    tied = frozenset({"output.weight"}) if args.tie_word_embeddings else frozenset()
+    for item in checked_tensors(checkpoint.tensors(), parameter_shapes(args), ignored=tied):
+        yield NamedTensor(item.name, to_hf_layout(item.name, item.tensor, args), item.source)
+        del item
+
+
+class HFShardWriter:
+    """Writes tensors as Hugging Face does: `model.safetensors`, or shards
+    `model-0000i-of-0000n.safetensors` of about shard_bytes each with `model.safetensors.index.json`;
+    every file with the {"format": "pt"} metadata transformers requires."""
+
+    def __init__(self, folder: Path, shard_bytes: int):
+        if not 0 < shard_bytes <= HF_SHARD_LIMIT:
+            raise ValueError(f"shard size {shard_bytes} bytes: Hugging Face shards hold at most {HF_SHARD_LIMIT} bytes")
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []  # each shard's temporary file and its tensors
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f"shard-{len(self.written) + 1:05d}.partial"  # named once the count is known
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Write what is pending and give the shards their final names (and the index, if several)."""
+        self.flush()
+        if len(self.written) == 1:
+            self.written[0][0].rename(self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (path, names) in enumerate(self.written, start=1):
+            final = f"model-{i:05d}-of-{len(self.written):05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
 # --- The source -------------------------------------------------------------------------------------
-
-def checkpoint_sources(checkpoint: Checkpoint) -> list[Path]:
-    """Every file or folder the checkpoint reads (a stack's base and overlays), which the output may not touch."""
-    record = checkpoint.record()
-    return [Path(entry["path"]) for entry in record.get("stack", [record])]
-
 
 def check_unquantized_source(checkpoint: Checkpoint, kind: str) -> None:
     """Writers read 16-bit tensors: a checkpoint stored quantized has none for its layers."""
