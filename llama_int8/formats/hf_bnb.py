@@ -23,7 +23,6 @@ then quantizes them, which makes the bytes transformers makes from the same sour
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -39,8 +38,6 @@ from .common import (Checkpoint, CheckpointError, NamedTensor, QuantizedLayer, h
 from .export import QUANTIZED_LINEAR, resolve_dtype, write_hf_folder
 from .hf import hf_model_args, hf_safetensors_files
 from .prebaked import SHARD_BYTES
-
-log = logging.getLogger(__name__)
 
 QUANT_METHOD = "bitsandbytes"
 # A tensor of a Hugging Face checkpoint: its module and what of the module it is.
@@ -74,9 +71,9 @@ class HFBnbCheckpoint(Checkpoint):
         self.args = replace(hf_model_args(folder), rope_layout="halves")
         self.files = hf_safetensors_files(folder)
         self.modules = index_modules(self.files)  # HF module -> {part: file}
+        self.check_quantized_modules()
         self.quant = bnb_quant_config(read_json(folder / "config.json")["quantization_config"], folder / "config.json",
                                       self.quantized_module_names(), self.packed_blocksize)
-        self.check_quantized_modules()
 
     def quantized_module_names(self) -> list[str]:
         return [m for m, parts in self.modules.items() if set(parts) != {"weight"}]
