@@ -43,6 +43,7 @@ QUANT_METHOD = "bitsandbytes"
 # A tensor of a Hugging Face checkpoint: its module and what of the module it is.
 MODULE_TENSOR = re.compile(r"(?P<module>.+?)\.(?P<part>weight(?:\..+)?|SCB|weight_format)")
 ROW_MAJOR = 0  # bitsandbytes' weight_format of an int8 weight stored row by row, the only one saved
+TRANSFORMERS_BLOCKSIZE = 64  # weights per 4-bit scale when transformers quantizes (its config has no setting)
 QUANTIZED_MODULES = re.compile(rf"{QUANTIZED_LINEAR.pattern}|lm_head")  # what a folder may hold quantized
 
 
