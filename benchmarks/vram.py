@@ -241,7 +241,7 @@ def main(max_seq_len: int = 2048, max_batch_size: int = 1, models: str | tuple =
     rows = []
     for name, args in shapes.items():
         for mode in modes:
-            label = name if n_layers is None else f"{name} ({n_layers} blocks)"
+            label = name if n_layers is None else f"{name} ({n_layers} block{'s' if n_layers > 1 else ''})"
             row = computed_row(label, args, mode, max_seq_len, max_batch_size, int(budget_gb * GiB))
             fits = row["weight bytes"] + row["kv bytes"] < (0.9 * limit if gpu else limit)
             chosen = gpu or ckpt_dir is not None or (name in as_list(cpu_models) and mode in cpu_mode_names)
