@@ -54,17 +54,17 @@ class Settings:
     test_paths: tuple[str, ...] = ("tests",)
     tests_s: float = 120
     vram_models: str = "7B"
-    vram_blocks: int = 4  # 7B's real layer shapes, 4 of its 32 blocks: the per-layer transients are real
+    vram_blocks: int = 2  # 7B's real layer shapes in 2 of its 32 blocks: real per-layer transients, in seconds
     vram_modes: tuple[str, ...] = ("none", "int8", "nf4")
     vram_seq_len: int = 2048
     vram_measure: bool = True
-    vram_s: float = 40
+    vram_s: float = 45
     speed_modes: tuple[str, ...] = ("int8", "nf4")
     speed_batch: str = "1,8"
     speed_prompt_tokens: int = 128
     speed_new_tokens: int = 32
     speed_runs: int = 3
-    speed_s: float = 55
+    speed_s: float = 50
     agreement_cases: str = "none:float32,int8:float32,nf4:float32,int8:default"
     agreement_prompt: str = "The capital of France is"
     agreement_new_tokens: int = 32
@@ -72,14 +72,14 @@ class Settings:
     describe_s: float = 30
 
 
-# A dry run: the same parts, each as small as it gets. The vram benchmark computes only: measured on
-# the CPU, it samples a child process's host memory, which says nothing about the GPU part.
-TINY = Settings(test_paths=("tests/test_gpu.py",), tests_s=60, vram_models="SmolLM2-135M", vram_blocks=1,
-                vram_modes=("int8",), vram_seq_len=64, vram_measure=False, vram_s=60, speed_modes=("nf4",),
-                speed_batch="1,2",
-                speed_prompt_tokens=8, speed_new_tokens=8, speed_runs=1, speed_s=60,
+# A dry run: the same parts, each as small as it gets, with budgets for a busy 2-core machine. The
+# vram benchmark computes only: measured on the CPU, it samples a child process's host memory, which
+# says nothing about the GPU part.
+TINY = Settings(test_paths=("tests/test_gpu.py",), tests_s=90, vram_models="SmolLM2-135M", vram_blocks=1,
+                vram_modes=("int8",), vram_seq_len=64, vram_measure=False, vram_s=90, speed_modes=("nf4",),
+                speed_batch="1,2", speed_prompt_tokens=8, speed_new_tokens=8, speed_runs=1, speed_s=120,
                 agreement_cases="none:float32,int8:default", agreement_prompt="w5 w6 w7 w8",
-                agreement_new_tokens=4, agreement_s=90, describe_s=60)
+                agreement_new_tokens=4, agreement_s=120, describe_s=60)
 
 
 # --- Parts and steps ----------------------------------------------------------------------------------
@@ -350,8 +350,9 @@ def build_parts(args: argparse.Namespace, settings: Settings, checkpoint: str | 
     agreement = Step("cases", ("-m", "benchmarks.device_agreement", "--ckpt_dir", checkpoint or "", "--device", device,
                                "--cases", settings.agreement_cases, "--prompt", settings.agreement_prompt,
                                "--new_tokens", str(settings.agreement_new_tokens), "--json"), settings.agreement_s)
+    # A test module that cannot be imported there (an optional package missing) must not stop the rest.
     tests = Step("pytest", ("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                            *settings.test_paths), settings.tests_s)
+                            "--continue-on-collection-errors", *settings.test_paths), settings.tests_s)
     blocks = f"{settings.vram_blocks} block{'s' if settings.vram_blocks > 1 else ''}"
     parts = [
         Part("tests", "GPU tests (`pytest -m gpu`)", (*CORE_NEEDS, "pytest", "transformers", "sentencepiece", "gguf"),
