@@ -40,7 +40,7 @@ BUILT_IN_PROMPTS = [
 BUILT_IN_QUESTIONS = [
     "What is the capital of France?",
     "Give three tips for staying healthy.",
-    "Write a haiku about the sea.",
+    "Write a short poem about the sea.",
 ]
 
 SEPARATOR = "\n\n==================================\n"

@@ -13,34 +13,36 @@ into place when complete. An existing --out_dir is refused unless --force.
 
 from __future__ import annotations
 
-import logging
-import sys
+import argparse
 
-import fire
+from llama_int8.cli import add_checkpoint_flags, add_switch, make_parser, positive_float, run_cli
 
-from llama_int8.logs import setup_logging
-from llama_int8.formats import open_checkpoint
-from llama_int8.formats.prebaked import SHARD_BYTES, write_prebaked
-from llama_int8.quantize import parse_quant_mode
+SHARD_SIZE_GB = 2.0  # the writer's SHARD_BYTES in GiB (a test keeps them equal); a flag default before torch loads
 
 
-def main(ckpt_dir: str | list[str], out_dir: str, quant: str = "int8", int8_threshold: float = 6.0,
-         blocksize: int | None = None, quantize_head: bool = False, tokenizer_path: str | None = None,
-         force: bool = False, shard_size_gb: float = SHARD_BYTES / 1024**3,
-         delta: str | list[str] | None = None) -> None:
-    """Quantize ckpt_dir (Meta, Hugging Face or GGUF) to out_dir; quant: int8, nf4, nf4-dq, fp4 or fp4-dq.
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(None, __doc__.split("\n", 1)[0])
+    parser.add_argument("--out_dir", required=True, metavar="PATH",
+                        help="the folder to write; it must not exist, unless --force (required)")
+    add_switch(parser, "--force", "replace an existing --out_dir (default: off)")
+    parser.add_argument("--shard_size_gb", type=positive_float, default=SHARD_SIZE_GB, metavar="GIB",
+                        help="largest safetensors shard, in GiB (default: %(default)s)")
+    add_checkpoint_flags(parser, ckpt_required=True)
+    return parser
 
-    ckpt_dir may list a base and overlays ('[base,finetune,lora-adapter]'), delta folders to add to it:
-    they are merged tensor by tensor before quantizing (llama_int8/overlays.py)."""
-    setup_logging()
-    cfg = parse_quant_mode(quant, int8_threshold, blocksize, quantize_head)
-    write_prebaked(open_checkpoint(ckpt_dir, delta), out_dir, cfg, force=force, tokenizer_path=tokenizer_path,
-                   shard_bytes=int(shard_size_gb * 1024**3))
+
+def main(args: argparse.Namespace) -> None:
+    # Imported once the flags are known good: the readers and the quantizer import torch and
+    # bitsandbytes, seconds before a misspelled flag could be reported.
+    from llama_int8.formats import open_checkpoint
+    from llama_int8.formats.prebaked import write_prebaked
+    from llama_int8.quantize import parse_quant_mode
+
+    threshold = 6.0 if args.int8_threshold is None else args.int8_threshold
+    cfg = parse_quant_mode(args.quant, threshold, args.blocksize, args.quantize_head)
+    write_prebaked(open_checkpoint(args.ckpt_dir, args.delta), args.out_dir, cfg, force=args.force,
+                   tokenizer_path=args.tokenizer_path, shard_bytes=int(args.shard_size_gb * 1024**3))
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(main)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        logging.getLogger("quantize_offline").error("%s", e)
-        sys.exit(1)
+    run_cli(build_parser(), main)

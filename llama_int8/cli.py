@@ -20,8 +20,7 @@ line on stderr and exit code 2. A user error raised later (ValueError, which the
 tokenizer errors are, or OSError) is one line and exit code 1. `--debug`, or LLAMA_INT8_DEBUG=1 in the
 environment, shows the traceback instead.
 
-This module imports nothing heavy: torch only to check `--device cuda`, the demo fetcher only when
-`--ckpt_dir` is omitted.
+This module imports nothing heavy (torch only to check `--device cuda`).
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .demo import DEMO_REPETITION_PENALTY, demo_gguf_path
 from .logs import setup_logging
 
 DEBUG_ENV = "LLAMA_INT8_DEBUG"
@@ -240,9 +240,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                        help="sampling temperature, 0 is greedy (default: %(default)s)")
     group.add_argument("--top_p", type=probability, default=0.9, metavar="P",
                        help="sample among the most likely tokens whose probabilities add up to P (default: %(default)s)")
-    group.add_argument("--repetition_penalty", type=positive_float, default=1.0, metavar="X",
-                       help="divide the logits of tokens already in the text by X, as transformers does; "
-                            "1 is off (default: %(default)s)")
+    group.add_argument("--repetition_penalty", type=positive_float, metavar="X",
+                       help="divide the logits of tokens already in the text by X, as transformers does; 1 is off "
+                            f"(default: 1.0; {DEMO_REPETITION_PENALTY} for the demo model, which repeats itself without)")
     group.add_argument("--seed", type=int_value, default=1, metavar="N",
                        help="random seed of the sampler, for answers that repeat run to run (default: %(default)s)")
 
@@ -273,8 +273,6 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     omitted --ckpt_dir is the demo model, fetched on first use."""
     ckpt_dir = args.ckpt_dir
     if ckpt_dir is None:
-        from .demo import demo_gguf_path  # here: demo.py's own command line imports this module
-
         ckpt_dir = str(demo_gguf_path())
         logging.getLogger("llama_int8").info("No --ckpt_dir given: using the demo model %s", ckpt_dir)
     return dict(ckpt_dir=ckpt_dir, tokenizer_path=args.tokenizer_path, delta=args.delta, quant=args.quant,
@@ -285,9 +283,13 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of text_completion, chat_completion and the streaming methods."""
+    """The keyword arguments of text_completion, chat_completion and the streaming methods, from
+    add_sampling_flags' flags; the demo model (--ckpt_dir omitted) gets its own repetition penalty."""
+    penalty = args.repetition_penalty
+    if penalty is None:
+        penalty = DEMO_REPETITION_PENALTY if args.ckpt_dir is None else 1.0
     return dict(max_gen_len=args.max_gen_len, temperature=args.temperature, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+                repetition_penalty=penalty, seed=args.seed)
 
 
 def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None],

