@@ -402,3 +402,26 @@ def test_smollm2_hf_from_gguf_greedy_tokens_equal_ours(smollm2_gguf, tmp_path):
     llm = Llama.build(smollm2_gguf, quant="none", device="cpu", dtype="float32", max_seq_len=32)
     ours = llm.generate([prompt], max_gen_len=16, temperature=0, stop_ids=())[0]
     assert hf_greedy(transformers_model(out), prompt, 16) == ours
+
+
+# --- The command line ------------------------------------------------------------------------------
+
+def test_quantize_offline_writes_each_format(tiny_source, tmp_path):
+    import importlib.util
+
+    from llama_int8.formats.export import DTYPES
+
+    spec = importlib.util.spec_from_file_location("quantize_offline", Path(__file__).parent.parent / "quantize_offline.py")
+    quantize_offline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quantize_offline)
+    assert set(quantize_offline.EXPORT_DTYPES) == set(DTYPES)  # the flag's choices are the writers'
+    source = str(tiny_source[0])
+    for fmt, flags in (("hf", ["--dtype", "float16"]), ("hf-bnb", ["--quant", "nf4-dq"]), ("compressed-tensors", [])):
+        parser = quantize_offline.build_parser()
+        quantize_offline.main(parser.parse_args(["--ckpt_dir", source, "--out_dir", str(tmp_path / fmt), "--format", fmt,
+                                                 *flags]))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float16"
+    quant = open_checkpoint(tmp_path / "hf-bnb").quant
+    assert (quant.name, quant.blocksize) == ("nf4-dq", 64)  # transformers' blocksize by default
+    config = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized" and config["torch_dtype"] == "bfloat16"
