@@ -1,0 +1,214 @@
+"""The OpenAI API's wire format: request bodies as pydantic models, and the JSON of responses,
+stream chunks and errors, for `/v1/chat/completions` and `/v1/completions` (serve.py routes them).
+
+Fields this server does not know are accepted and reported by `unknown_fields` (the server logs
+them), as OpenAI clients send new ones all the time. Besides OpenAI's fields, requests take
+`repetition_penalty` (transformers') and `ignore_eos` (vLLM's: generate max_tokens whatever the model
+says), as other OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .engine import Output, TokenLogprob
+from .tokenizer import Tokenizer
+
+# OpenAI's legacy completions generate 16 tokens when max_tokens is not given; chat fills the context.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16
+
+
+class OpenAIBody(BaseModel):
+    """A request body: unknown fields are kept aside (model_extra), not refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(OpenAIBody):
+    include_usage: bool = False
+
+
+class GenerationFields(OpenAIBody):
+    """What chat and legacy completions share."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    ignore_eos: bool = False
+    user: str | None = None  # OpenAI's end-user id: accepted, unused
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return tuple(s for s in stops if s)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class TextPart(OpenAIBody):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIBody):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def dialog(self) -> list[dict[str, str]]:
+        """The messages as chat.encode_dialog takes them; OpenAI's `developer` role is the system's."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in self.messages]
+
+    @property
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def alternatives(self) -> int | None:
+        """How many likeliest tokens to report with each token; None: no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+
+
+class TokenizeRequest(OpenAIBody):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(OpenAIBody):
+    tokens: list[int]
+
+
+def unknown_fields(body: BaseModel) -> list[str]:
+    """Dotted names of the fields of body (nested models included) that no model declares."""
+    found = [name for name in body.model_extra or {}]
+    for name, value in body:
+        children = value if isinstance(value, list) else [value]
+        for i, child in enumerate(children):
+            if isinstance(child, BaseModel):
+                where = f"{name}[{i}]" if isinstance(value, list) else name
+                found += [f"{where}.{inner}" for inner in unknown_fields(child)]
+    return found
+
+
+# --- Responses ---------------------------------------------------------------------------------------
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ResponseIds:
+    """The id, creation time and model name every chunk of one response repeats."""
+
+    def __init__(self, prefix: str, model: str):
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+
+    def envelope(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def chat_logprob_entries(tokenizer: Tokenizer, logprobs: tuple[TokenLogprob, ...] | list[TokenLogprob]
+                         ) -> list[dict[str, Any]]:
+    """Chat's `logprobs.content`: per token its text, bytes, log-probability and the likeliest ones."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]
+
+
+def completion_logprobs(tokenizer: Tokenizer, logprobs: tuple[TokenLogprob, ...] | list[TokenLogprob],
+                        text_offset: int) -> dict[str, Any]:
+    """Legacy completions' `logprobs`: parallel lists of tokens, their log-probabilities, the
+    likeliest alternatives as {token: logprob}, and where each token's text starts."""
+    tokens = [token_text(tokenizer, lp.token) for lp in logprobs]
+    offsets = []
+    for text in tokens:
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{token_text(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
+            "text_offset": offsets}
+
+
+def chat_chunk(ids: ResponseIds, index: int, delta: dict[str, Any], finish_reason: str | None,
+               include_usage: bool, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    chunk = {**ids.envelope("chat.completion.chunk"),
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    return {**chunk, "usage": None} if include_usage else chunk
+
+
+def completion_chunk(ids: ResponseIds, index: int, text: str, finish_reason: str | None, include_usage: bool,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    chunk = {**ids.envelope("text_completion"),
+             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    return {**chunk, "usage": None} if include_usage else chunk
+
+
+def usage_chunk(ids: ResponseIds, obj: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The last chunk of a stream that asked for usage: no choices."""
+    return {**ids.envelope(obj), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_response(ids: ResponseIds, choices: list[dict[str, Any]], prompt_tokens: int,
+                  completion_tokens: int) -> dict[str, Any]:
+    return {**ids.envelope("chat.completion"), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_response(ids: ResponseIds, choices: list[dict[str, Any]], prompt_tokens: int,
+                        completion_tokens: int) -> dict[str, Any]:
+    return {**ids.envelope("text_completion"), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def is_final(out: Output) -> bool:
+    return out.finish_reason is not None

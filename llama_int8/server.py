@@ -1,0 +1,554 @@
+"""The OpenAI-compatible HTTP server's app over the continuous-batching engine (engine.py); the
+command line that runs it is serve.py.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 while
+the model loads, 200 once it serves), GET /metrics (Prometheus), POST /tokenize, POST /detokenize.
+
+Built on FastAPI; streams are server-sent events through sse-starlette, metrics go through
+prometheus_client. The engine steps in a thread of its own; each HTTP request submits its engine
+requests and reads their outputs on the event loop. A client that disconnects cancels its
+requests, which frees their slots at the engine's next step. At shutdown, streams in flight get
+shutdown_grace seconds to finish, then what is left is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import openai_api as api
+from .engine import DEFAULT_MAX_QUEUE, Completion, ContextLengthExceeded, Engine, EngineThread, Output, QueueFull, \
+    Request
+from .sampling import SamplingParams
+
+log = logging.getLogger("llama_int8.server")
+
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # TGI's payload limit: room for prompts far beyond any context
+DEFAULT_SHUTDOWN_GRACE = 10.0
+# Seconds buckets of the latency histograms: decode steps of a CPU at the low end, long prompts at the top.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(api.error_body(self.message, self.type, self.param, self.code), status_code=self.status)
+
+
+# --- Metrics ---------------------------------------------------------------------------------------
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app, no global state)."""
+
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("llama_int8_requests_running", "Requests in a slot of the engine", registry=r).set_function(running)
+        Gauge("llama_int8_requests_waiting", "Requests waiting for a slot", registry=r).set_function(waiting)
+        self.prompt_tokens = Counter("llama_int8_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.generation_tokens = Counter("llama_int8_generation_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("llama_int8_requests_finished", "Requests ended, by finish reason",
+                                ["finish_reason"], registry=r)
+        self.ttft = Histogram("llama_int8_time_to_first_token_seconds", "From arrival to the first generated token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("llama_int8_inter_token_latency_seconds", "Between consecutive generated tokens",
+                             buckets=ITL_BUCKETS, registry=r)
+
+
+class RequestTimer:
+    """Feeds one engine request's outputs into the metrics, from the engine's thread as they come."""
+
+    def __init__(self, metrics: Metrics, arrived: float):
+        self.metrics, self.arrived = metrics, arrived
+        self.last: float | None = None
+        self.counted = 0
+
+    def observe(self, out: Output) -> None:
+        now = time.monotonic()
+        if out.completion_tokens > self.counted:
+            self.metrics.generation_tokens.inc(out.completion_tokens - self.counted)
+            self.counted = out.completion_tokens
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.arrived)
+            else:
+                self.metrics.itl.observe(now - self.last)
+            self.last = now
+        if out.finish_reason is not None:
+            self.metrics.finished.labels(out.finish_reason).inc()
+
+
+# --- The model, loaded in the background ---------------------------------------------------------
+
+class ServerState:
+    """The model and its engine once loaded (in a thread, so that /health answers meanwhile)."""
+
+    def __init__(self, settings: ServerSettings, on_load_failure: Callable[[BaseException], None]):
+        self.settings = settings
+        self.on_load_failure = on_load_failure
+        self.engine: Engine | None = None
+        self.engine_thread: EngineThread | None = None
+        self.tokenizer = None
+        self.encode_dialog: Callable[[list[dict[str, str]]], list[int]] | None = None
+        self.metrics = Metrics(lambda: self.engine.running if self.engine else 0,
+                               lambda: self.engine.queued if self.engine else 0)
+
+    def load(self, load: Callable[[], Any]) -> None:
+        try:
+            llm = load()
+            engine = Engine(llm.model, llm.tokenizer, max_queue=self.settings.max_queue)
+        except Exception as e:  # reported to the process, which exits: a server without a model is useless
+            self.on_load_failure(e)
+            return
+        self.tokenizer, self.encode_dialog = llm.tokenizer, llm.encode_dialog
+        self.engine_thread = EngineThread(engine)
+        self.engine_thread.start()
+        self.engine = engine
+        log.info("Ready: %s, %d slots of %d tokens, queue of %d", self.settings.model_name,
+                 llm.model.max_batch_size, llm.model.max_seq_len, self.settings.max_queue)
+
+    def stop(self) -> None:
+        if self.engine_thread is not None:
+            self.engine_thread.stop(self.settings.shutdown_grace)
+
+    def ready_engine(self) -> Engine:
+        if self.engine is None:
+            raise ApiError(503, "the model is still loading; retry when /health answers 200", "service_unavailable",
+                           code="model_loading")
+        return self.engine
+
+
+# --- One HTTP request's generations ------------------------------------------------------------------
+
+class Generation:
+    """The engine requests of one HTTP request, their outputs brought to the event loop in order."""
+
+    def __init__(self, state: ServerState, requests: list[Request], arrived: float, param: str):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        timers = [RequestTimer(state.metrics, arrived) for _ in requests]
+
+        def on_output(i: int, out: Output) -> None:  # called in the engine's thread
+            timers[i].observe(out)
+            loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
+
+        try:
+            self.handles = state.ready_engine().submit(requests, on_output)
+        except QueueFull as e:
+            raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from e
+        except ContextLengthExceeded as e:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
+        except ValueError as e:
+            raise ApiError(400, str(e), param=param) from e
+        except RuntimeError as e:
+            raise ApiError(503, str(e), "service_unavailable", code="shutting_down") from e
+        state.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
+        self.remaining = len(requests)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, Output]]:
+        """(request index, output) until every request has ended."""
+        while self.remaining:
+            i, out = await self.queue.get()
+            self.remaining -= out.finish_reason is not None
+            yield i, out
+
+    async def collect(self) -> list[Completion]:
+        results = [Completion() for _ in self.handles]
+        async for i, out in self.outputs():
+            results[i].add(out)
+        return results
+
+    def cancel(self) -> None:
+        """Cancel whatever has not ended (ended requests ignore it)."""
+        for h in self.handles:
+            h.cancel()
+
+
+async def collect_unless_disconnected(http: HTTPRequest, gen: Generation) -> list[Completion] | None:
+    """The completions, or None when the client went away first (its requests are then cancelled)."""
+
+    async def disconnected() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    collecting = asyncio.ensure_future(gen.collect())
+    watching = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+        return collecting.result() if collecting in done else None
+    finally:
+        collecting.cancel()
+        watching.cancel()
+        gen.cancel()
+
+
+def failure_of(results: list[Completion]) -> ApiError | None:
+    """The error to answer when a request ended without finishing (shutdown, a failed step)."""
+    reasons = {r.finish_reason for r in results}
+    if "error" in reasons:
+        return ApiError(500, "generation failed; see the server's log", "server_error", code="generation_failed")
+    if "cancelled" in reasons:
+        return ApiError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
+    return None
+
+
+def stream_error_event(out: Output) -> ServerSentEvent:
+    """An error inside a stream that has started (its status line is long sent)."""
+    error = failure_of([Completion(finish_reason=out.finish_reason)])
+    return event(api.error_body(error.message, error.type, code=error.code))
+
+
+# OpenAI ends each event with a blank line of "\n"; sse-starlette's default is "\r\n".
+SSE_LINE_END = "\n"
+
+
+def event(data: dict[str, Any] | str) -> ServerSentEvent:
+    """One `data:` event: a chunk as JSON, or the closing [DONE]."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return ServerSentEvent(data=text, sep=SSE_LINE_END)
+
+
+# --- Building engine requests ------------------------------------------------------------------------
+
+def engine_requests(state: ServerState, prompts: list[list[int]], body: api.GenerationFields, max_tokens: int | None,
+                    default_max_tokens: int | None, alternatives: int | None, param: str) -> list[Request]:
+    """body.n requests per prompt (seeded seed, seed + 1, ... when a seed is given); max_tokens None
+    takes default_max_tokens, or what the context leaves when that is None too."""
+    stop_ids = frozenset() if body.ignore_eos else state.tokenizer.stop_ids
+    requests = []
+    for prompt in prompts:
+        limit = max_tokens or default_max_tokens or state.ready_engine().max_seq_len - len(prompt)
+        if limit < 1:
+            raise ApiError(400, f"This model's maximum context length is {state.ready_engine().max_seq_len} tokens; "
+                                f"the prompt alone has {len(prompt)}", param=param, code="context_length_exceeded")
+        for j in range(body.n):
+            sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p,
+                                      seed=None if body.seed is None else body.seed + j,
+                                      repetition_penalty=body.repetition_penalty,
+                                      frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
+            requests.append(Request(prompt, limit, sampling, stop_ids, body.stop_strings, alternatives))
+    return requests
+
+
+def completion_prompts(state: ServerState, body: api.CompletionRequest) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt: expected text, a list of texts or token ids, got an empty list", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [state.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def log_unknown_fields(body: api.OpenAIBody, endpoint: str) -> None:
+    unknown = api.unknown_fields(body)
+    if unknown:
+        log.debug("%s: ignoring unknown field(s) %s", endpoint, ", ".join(unknown))
+
+
+# --- Routes ------------------------------------------------------------------------------------------
+
+def api_key_check(api_key: str | None) -> Callable[[HTTPRequest], None]:
+    """A dependency requiring `Authorization: Bearer <api_key>` when a key is set. Both sides are
+    hashed first so the comparison takes the same time whatever the key's length and content."""
+    expected = hashlib.sha256(api_key.encode()).digest() if api_key else None
+
+    def check(http: HTTPRequest) -> None:
+        if expected is None:
+            return
+        scheme, _, token = http.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode()).digest()
+        if not (hmac.compare_digest(given, expected) and scheme.lower() == "bearer"):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key")
+
+    return check
+
+
+def create_app(settings: ServerSettings, load: Callable[[], Any],
+               on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The server's ASGI app: load() (a Llama) runs in a thread at startup; on_load_failure gets its error."""
+    state = ServerState(settings, on_load_failure or (lambda e: log.error("Loading the model failed: %s", e)))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=state.load, args=(load,), name="llama_int8-load", daemon=True).start()
+        yield
+        state.stop()
+
+    app = FastAPI(title="llama_int8", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    router = APIRouter(dependencies=[Depends(api_key_check(settings.api_key))])
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "llama_int8"}]}
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: api.ChatCompletionRequest, http: HTTPRequest) -> Any:
+        arrived = time.monotonic()
+        log_unknown_fields(body, "/v1/chat/completions")
+        check_model(body.model, settings.model_name)
+        state.ready_engine()
+        try:
+            prompt = state.encode_dialog(body.dialog)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from e
+        requests = engine_requests(state, [prompt], body, body.completion_limit, None, body.alternatives, "messages")
+        gen = Generation(state, requests, arrived, "messages")
+        ids = api.ResponseIds("chatcmpl", settings.model_name)
+        if body.stream:
+            return EventSourceResponse(chat_events(state, gen, ids, body, len(prompt)), sep=SSE_LINE_END,
+                                       shutdown_grace_period=settings.shutdown_grace)
+        results = await collect_unless_disconnected(http, gen)
+        if results is None:
+            return Response(status_code=499)  # nobody reads it
+        if (error := failure_of(results)) is not None:
+            raise error
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                    "logprobs": None if body.alternatives is None
+                    else {"content": api.chat_logprob_entries(state.tokenizer, r.logprobs)},
+                    "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+        return api.chat_response(ids, choices, len(prompt), sum(r.completion_tokens for r in results))
+
+    @router.post("/v1/completions")
+    async def completions(body: api.CompletionRequest, http: HTTPRequest) -> Any:
+        arrived = time.monotonic()
+        log_unknown_fields(body, "/v1/completions")
+        check_model(body.model, settings.model_name)
+        state.ready_engine()
+        if body.echo or body.suffix:
+            raise ApiError(400, f"{'echo' if body.echo else 'suffix'}: not supported by this server",
+                           param="echo" if body.echo else "suffix")
+        prompts = completion_prompts(state, body)
+        requests = engine_requests(state, prompts, body, body.max_tokens, api.COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                   body.logprobs, "prompt")
+        gen = Generation(state, requests, arrived, "prompt")
+        ids = api.ResponseIds("cmpl", settings.model_name)
+        prompt_tokens = sum(len(p) for p in prompts)
+        if body.stream:
+            return EventSourceResponse(completion_events(state, gen, ids, body, prompt_tokens), sep=SSE_LINE_END,
+                                       shutdown_grace_period=settings.shutdown_grace)
+        results = await collect_unless_disconnected(http, gen)
+        if results is None:
+            return Response(status_code=499)
+        if (error := failure_of(results)) is not None:
+            raise error
+        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                    "logprobs": None if body.logprobs is None
+                    else api.completion_logprobs(state.tokenizer, r.logprobs, 0)} for i, r in enumerate(results)]
+        return api.completion_response(ids, choices, prompt_tokens, sum(r.completion_tokens for r in results))
+
+    @router.post("/tokenize")
+    async def tokenize(body: api.TokenizeRequest) -> dict[str, Any]:
+        log_unknown_fields(body, "/tokenize")
+        engine = state.ready_engine()
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "expected exactly one of prompt and messages", param="prompt")
+        try:
+            tokens = (state.tokenizer.encode(body.prompt, bos=body.add_special_tokens, eos=False)
+                      if body.prompt is not None else
+                      state.encode_dialog(api.ChatCompletionRequest(messages=body.messages).dialog))
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from e
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_seq_len}
+
+    @router.post("/detokenize")
+    async def detokenize(body: api.DetokenizeRequest) -> dict[str, Any]:
+        log_unknown_fields(body, "/detokenize")
+        engine = state.ready_engine()
+        vocab = engine.model.args.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"tokens: ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens)}
+
+    app.include_router(router)
+    return app
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise ApiError(404, f"model: {requested!r} is not served here; /v1/models lists {served!r}", param="model",
+                       code="model_not_found")
+
+
+async def chat_events(state: ServerState, gen: Generation, ids: api.ResponseIds, body: api.ChatCompletionRequest,
+                      prompt_tokens: int) -> AsyncIterator[ServerSentEvent]:
+    """A chat stream as OpenAI's clients expect it: per choice a first chunk with the role, content
+    chunks, a chunk with an empty delta and the finish reason; then the usage chunk when asked, then [DONE]."""
+    usage = body.include_usage
+    completion_tokens = 0
+    try:
+        for i in range(len(gen.handles)):
+            yield event(api.chat_chunk(ids, i, {"role": "assistant", "content": ""}, None, usage))
+        async for i, out in gen.outputs():
+            if out.finish_reason in ("cancelled", "error"):
+                yield stream_error_event(out)
+                return
+            if out.text or out.logprobs:
+                logprobs = (None if body.alternatives is None
+                            else {"content": api.chat_logprob_entries(state.tokenizer, out.logprobs)})
+                yield event(api.chat_chunk(ids, i, {"content": out.text}, None, usage, logprobs))
+            if out.finish_reason is not None:
+                completion_tokens += out.completion_tokens
+                yield event(api.chat_chunk(ids, i, {}, out.finish_reason, usage))
+        if usage:
+            yield event(api.usage_chunk(ids, "chat.completion.chunk", prompt_tokens, completion_tokens))
+        yield event("[DONE]")
+    finally:
+        gen.cancel()
+
+
+async def completion_events(state: ServerState, gen: Generation, ids: api.ResponseIds, body: api.CompletionRequest,
+                            prompt_tokens: int) -> AsyncIterator[ServerSentEvent]:
+    """A legacy completions stream: text chunks per choice, a last one with the finish reason, the
+    usage chunk when asked, then [DONE]."""
+    usage = body.include_usage
+    completion_tokens = 0
+    offsets = [0] * len(gen.handles)
+    try:
+        async for i, out in gen.outputs():
+            if out.finish_reason in ("cancelled", "error"):
+                yield stream_error_event(out)
+                return
+            logprobs = (None if body.logprobs is None
+                        else api.completion_logprobs(state.tokenizer, out.logprobs, offsets[i]))
+            offsets[i] += len(out.text)
+            if out.finish_reason is not None:
+                completion_tokens += out.completion_tokens
+            if out.text or out.logprobs or out.finish_reason is not None:
+                yield event(api.completion_chunk(ids, i, out.text, out.finish_reason, usage, logprobs))
+        if usage:
+            yield event(api.usage_chunk(ids, "text_completion", prompt_tokens, completion_tokens))
+        yield event("[DONE]")
+    finally:
+        gen.cancel()
+
+
+# --- Errors and limits -------------------------------------------------------------------------------
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours, a bad field (400 naming it), an unknown route or method."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: HTTPRequest, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_field(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        param = field_path(first.get("loc", ()))
+        where = f"{param}: " if param else ""
+        return ApiError(400, f"{where}{first.get('msg', 'invalid value')}", param=param or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+        return ApiError(e.status_code, str(e.detail)).response()
+
+
+def field_path(loc: tuple | list) -> str:
+    """pydantic's error location as a field path: ("body", "messages", 0, "role") -> messages[0].role."""
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith(("function-", "list[", "str", "int")):  # union branches say nothing
+            path += f".{part}" if path else str(part)
+    return path
+
+
+class BodySizeLimit:
+    """ASGI middleware answering 413 to a request body over max_bytes, by its Content-Length or
+    as it arrives (then the app sees the client leave, and what it answers is dropped); the body is
+    never read whole before the check."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self.too_large()(scope, receive, send)
+            return
+        received = 0
+        refused = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                refused = True
+                await self.too_large()(scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def send_unless_refused(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, send_unless_refused)
+        except ClientDisconnect:
+            if not refused:
+                raise
+
+    def too_large(self) -> JSONResponse:
+        return ApiError(413, f"the request body is over the limit of {self.max_bytes} bytes",
+                        code="request_too_large").response()
