@@ -19,6 +19,7 @@ from pathlib import Path
 
 import fire
 import torch
+from tqdm import tqdm
 
 from benchmarks.common import report
 from llama_int8 import Llama
@@ -117,7 +118,8 @@ def main(ckpt_dir: str | None = None, lengths: str | tuple = "1000,2000,4000", d
                       sliding_window=sliding_window, prefill_chunk=prefill_chunk)  # caches resized per length
     cache_dtype = llm.model.layers[0].attention.cache.k.dtype  # the model's compute dtype
     rng = random.Random(seed)
-    rows = [measure_length(llm, n, depth_list, rng, cache_dtype, prefill_chunk) for n in length_list]
+    rows = [measure_length(llm, n, depth_list, rng, cache_dtype, prefill_chunk)
+            for n in tqdm(length_list, desc="Lengths", unit="length")]
     args = llm.model.args
     report("Needle in a haystack", rows, json,
            extra={"checkpoint": str(source), "quant": quant, "sliding_window": args.sliding_window,

@@ -23,6 +23,7 @@ from pathlib import Path
 import fire
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from benchmarks.common import report
 from llama_int8 import Llama
@@ -95,7 +96,7 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
         raise FileNotFoundError(f"text_file: no such file: {', '.join(missing)}")
     rows = []
     texts: dict[str, list[int]] = {}
-    for mode in modes:
+    for mode in tqdm(modes, desc="Modes", unit="mode"):
         llm = Llama.build(source, max_seq_len=window, quant=mode, device=device, dtype=dtype,
                           int8_threshold=int8_threshold)
         if not texts:  # every mode shares the checkpoint's tokenizer: encode once

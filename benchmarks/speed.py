@@ -23,6 +23,7 @@ from pathlib import Path
 
 import fire
 import torch
+from tqdm import tqdm
 
 from benchmarks.common import report, synchronize
 from benchmarks.reference import load_transformers, transformers_folder
@@ -144,7 +145,7 @@ def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tu
     bandwidth = copy_bandwidth_gbps(dev)
     read_bytes = decode_read_bytes(llm)
     rows = []
-    for b in sizes:
+    for b in tqdm(sizes, desc="Batch sizes", unit="batch"):
         prompts = prompt_batch(llm.model.args.vocab_size, b, prompt_tokens)
         engines = {"llama_int8": ours_generate(llm, prompts)}
         if hf is not None:

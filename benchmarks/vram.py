@@ -1,6 +1,7 @@
 """Memory of each quantization mode for the real LLaMA shapes: computed, and measured where possible.
 
     python -m benchmarks.vram                                    # every shape, none/int8/nf4/nf4-dq/fp4
+    python -m benchmarks.vram --measure False                    # the computed figures only, at once
     python -m benchmarks.vram --max_seq_len 4096 --max_batch_size 1 --models 7B,13B --quant int8,nf4 --json
     python -m benchmarks.vram --ckpt_dir 13B --quant int8        # a real checkpoint
 
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import fire
 import torch
+from tqdm import tqdm
 
 from benchmarks.common import report
 from benchmarks.hostmem import rss_anon_bytes, run_sampled
@@ -238,7 +240,7 @@ def main(max_seq_len: int = 2048, max_batch_size: int = 1, models: str | tuple =
         raise ValueError(f"prefill_tokens + decode_tokens ({prefill_tokens + decode_tokens}) exceed max_seq_len "
                          f"({max_seq_len})")
     limit = torch.cuda.get_device_properties(0).total_memory if gpu else int(cpu_budget_gb * GiB)
-    rows = []
+    rows, to_measure = [], []
     for name, args in shapes.items():
         for mode in modes:
             label = name if n_layers is None else f"{name} ({n_layers} block{'s' if n_layers > 1 else ''})"
@@ -246,13 +248,16 @@ def main(max_seq_len: int = 2048, max_batch_size: int = 1, models: str | tuple =
             fits = row["weight bytes"] + row["kv bytes"] < (0.9 * limit if gpu else limit)
             chosen = gpu or ckpt_dir is not None or (name in as_list(cpu_models) and mode in cpu_mode_names)
             if measure and fits and chosen:
-                print(f"measuring {name} {mode} on {'GPU' if gpu else 'CPU'}", file=sys.stderr)
-                if gpu:
-                    row.update(measure_gpu(args, mode, ckpt_dir, max_seq_len, max_batch_size, prefill_tokens,
-                                           decode_tokens))
-                else:
-                    row.update(measure_cpu(name, mode, ckpt_dir, max_seq_len, max_batch_size, n_layers))
+                to_measure.append((row, name, args, mode))
             rows.append(row)
+    if to_measure:
+        print(f"Measuring {len(to_measure)} loads, up to a minute or two each on a CPU; --measure False prints the "
+              "computed figures at once", file=sys.stderr)
+    for row, name, args, mode in tqdm(to_measure, desc="Measuring", unit="load"):
+        if gpu:
+            row.update(measure_gpu(args, mode, ckpt_dir, max_seq_len, max_batch_size, prefill_tokens, decode_tokens))
+        else:
+            row.update(measure_cpu(name, mode, ckpt_dir, max_seq_len, max_batch_size, n_layers))
     if not json:
         for row in rows:
             row.pop("weight bytes"), row.pop("kv bytes")
