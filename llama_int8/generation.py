@@ -13,12 +13,14 @@ import torch
 
 from .chat import ChatPrediction, Dialog, encode_dialog
 from .formats import Checkpoint, open_checkpoint
-from .loader import choose_attention_backend, default_device, default_dtype, load_weights
+from .loader import check_memory_fits, choose_attention_backend, default_device, default_dtype, load_weights
 from .memory import describe_memory
 from .model import Transformer, empty_model
+from .params import (check_dialogs, check_integer, check_max_gen_len, check_one_dialog, check_prompt_tokens,
+                     check_prompts, check_sampling_args, check_text, check_token_ids, effective_temperature)
 from .quantize import QuantConfig, parse_quant_mode
 from .sampling import next_tokens
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_tokenizer_fits
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class Llama:
               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
               attention: str | None = None, int8_threshold: float | None = None, blocksize: int | None = None,
               quantize_head: bool = False, delta: str | Path | list[str | Path] | None = None,
-              sliding_window: int | None = None, prefill_chunk: int | None = None) -> Llama:
+              sliding_window: int | None = None, prefill_chunk: int | None = None, verify: bool = True) -> Llama:
         """Load a checkpoint (Meta, Hugging Face, GGUF or pre-baked) and its tokenizer, ready to generate.
 
         ckpt_dir may list several folders: a base, then overlays (partial checkpoints whose tensors
@@ -55,21 +57,28 @@ class Llama:
         sliding_window: each token attends to itself and the sliding_window - 1 before it, overriding
         the checkpoint's (None keeps it); the KV cache then holds only that many positions.
         prefill_chunk: prompts longer than this are prefilled in chunks of it (at most the window).
+        verify: check a pre-baked folder's shard checksums (reads the folder once; on by default).
+
+        Before anything is allocated, the configuration is checked (formats/model_config.py), the
+        tokenizer against the model's vocabulary, and the weights plus the KV cache against the
+        device's free memory.
         """
         start = time.perf_counter()
         cfg = parse_quant_mode(quant, 6.0 if int8_threshold is None else int8_threshold, blocksize, quantize_head)
-        if max_batch_size < 1 or max_seq_len < 2:
-            raise ValueError(f"max_batch_size ({max_batch_size}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
-        checkpoint = open_checkpoint(ckpt_dir, delta)
+        check_integer("max_batch_size", max_batch_size, 1)
+        check_integer("max_seq_len", max_seq_len, 2)
+        if sliding_window is not None:
+            check_integer("sliding_window", sliding_window, 1)
+        checkpoint = open_checkpoint(ckpt_dir, delta, verify)
         tokenizer = checkpoint.tokenizer(tokenizer_path)
+        check_tokenizer_fits(tokenizer, checkpoint.args.vocab_size, checkpoint.location)
         device = torch.device(device) if device is not None else default_device()
         dtype = resolve_dtype(dtype, device)
         backend = choose_attention_backend(attention, device, dtype)
-        if sliding_window is not None and sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         args = checkpoint.args if sliding_window is None else replace(checkpoint.args, sliding_window=sliding_window)
         model = empty_model(args, backend)
         cfg = quantization_to_load(checkpoint, cfg, quant, int8_threshold)
+        check_memory_fits(model, cfg, device, dtype, max_batch_size, max_seq_len)
         load_weights(model, checkpoint, cfg, device, dtype)
         model.setup_caches(max_batch_size, max_seq_len, dtype, device, prefill_chunk)
         model.eval()
@@ -86,8 +95,13 @@ class Llama:
         """Yield, at each step, the token each sequence generated, or None where it is still reading
         its prompt or has stopped. Prompts of different lengths share the batch: all run together
         from the shortest prompt's end, and a longer prompt's own tokens are fed instead of samples.
-        stop_ids: tokens that end a sequence (the tokenizer's by default; empty runs to max_gen_len)."""
-        self.check_batch(prompt_tokens)
+        stop_ids: tokens that end a sequence (the tokenizer's by default; empty runs to max_gen_len).
+        max_gen_len 0 yields nothing. Every argument is checked (params.py) before any model work."""
+        self.check_generation_args(prompt_tokens, max_gen_len, temperature, top_p, repetition_penalty, seed,
+                                   stop_ids)
+        if max_gen_len == 0:
+            return
+        temperature = effective_temperature(temperature)
         model = self.model
         bsz, max_prompt = len(prompt_tokens), max(len(t) for t in prompt_tokens)
         if max_gen_len is None:
@@ -129,6 +143,21 @@ class Llama:
             if all(step_done):
                 break
 
+    def check_generation_args(self, prompt_tokens: list[list[int]], max_gen_len: int | None, temperature: float,
+                              top_p: float, repetition_penalty: float, seed: int | None,
+                              stop_ids: Collection[int] | None) -> None:
+        """Refuse bad arguments with a ValueError naming the argument (see params.py)."""
+        if isinstance(prompt_tokens, (list, tuple)) and not prompt_tokens:
+            raise ValueError("prompt_tokens: no prompts given")
+        check_prompt_tokens(prompt_tokens, self.model.args.vocab_size)
+        check_max_gen_len(max_gen_len)
+        check_sampling_args(temperature, top_p, repetition_penalty, seed)
+        if stop_ids is not None:
+            if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Collection):
+                raise ValueError(f"stop_ids: expected a collection of token ids, got {type(stop_ids).__name__}")
+            check_token_ids(stop_ids, "stop_ids", self.model.args.vocab_size)
+        self.check_batch(prompt_tokens)
+
     def check_batch(self, prompt_tokens: list[list[int]]) -> None:
         """Refuse what the preallocated cache cannot hold, before any work is done."""
         model = self.model
@@ -148,6 +177,7 @@ class Llama:
                  top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop_ids: Collection[int] | None = None) -> list[list[int]]:
         """The generated tokens of each prompt, stop token excluded."""
+        self.check_generation_args(prompt_tokens, max_gen_len, temperature, top_p, repetition_penalty, seed, stop_ids)
         stop_ids = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         out: list[list[int]] = [[] for _ in prompt_tokens]
         for step in self.iter_generate(prompt_tokens, max_gen_len, temperature, top_p, repetition_penalty, seed,
@@ -160,6 +190,10 @@ class Llama:
     def text_completion(self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: int | None = None, repetition_penalty: float = 1.0,
                         seed: int | None = None) -> list[CompletionPrediction]:
+        """The completion of each prompt (a list of strings), generated as one batch."""
+        check_prompts(prompts)
+        check_max_gen_len(max_gen_len)
+        check_sampling_args(temperature, top_p, repetition_penalty, seed)
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         generated = self.generate(prompt_tokens, max_gen_len, temperature, top_p, repetition_penalty, seed)
         return [{"generation": self.tokenizer.decode(t), "tokens": t} for t in generated]
@@ -168,6 +202,7 @@ class Llama:
                           max_gen_len: int | None = None, repetition_penalty: float = 1.0,
                           seed: int | None = None) -> Iterator[str]:
         """Yield the completion of one prompt piece by piece as it is generated."""
+        check_text(prompt, "prompt")
         tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
         yield from self.stream_tokens(tokens, temperature, top_p, max_gen_len, repetition_penalty, seed)
 
@@ -179,6 +214,9 @@ class Llama:
                         max_gen_len: int | None = None, repetition_penalty: float = 1.0,
                         seed: int | None = None) -> list[ChatPrediction]:
         """The assistant's next message for each dialog, generated as one batch."""
+        check_dialogs(dialogs)
+        check_max_gen_len(max_gen_len)
+        check_sampling_args(temperature, top_p, repetition_penalty, seed)
         prompt_tokens = [self.encode_dialog(d) for d in dialogs]
         generated = self.generate(prompt_tokens, max_gen_len, temperature, top_p, repetition_penalty, seed)
         return [{"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}, "tokens": t}
@@ -188,6 +226,7 @@ class Llama:
                     max_gen_len: int | None = None, repetition_penalty: float = 1.0,
                     seed: int | None = None) -> Iterator[str]:
         """Yield the assistant's next message in a dialog piece by piece as it is generated."""
+        check_one_dialog(dialog)
         yield from self.stream_tokens(self.encode_dialog(dialog), temperature, top_p, max_gen_len,
                                       repetition_penalty, seed)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import tokenizers
+
+log = logging.getLogger(__name__)
 
 # Special tokens that end an assistant's turn in the common chat formats; honoured as stop tokens
 # when the tokenizer marks them special.
@@ -110,7 +113,9 @@ class HFTokenizer(FastTokenizer):
         tok_cfg = read_optional_json(folder / "tokenizer_config.json")
         gen_cfg = read_optional_json(folder / "generation_config.json")
         model_cfg = read_optional_json(folder / "config.json")
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # Ids, not tokens: added tokens may sit beyond a gap above the base vocabulary.
+        self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True),
+                              max(self.tok.get_added_tokens_decoder(), default=-1) + 1)
         self.bos_id = self.special_id(tok_cfg.get("bos_token"), model_cfg.get("bos_token_id"))
         self.eos_id = self.special_id(tok_cfg.get("eos_token"), model_cfg.get("eos_token_id"))
         # Whether BOS is prepended: the config says so, or the tokenizer's own post-processor adds it.
@@ -184,6 +189,21 @@ def find_tokenizer_file(ckpt_dir: Path, tokenizer_path: str | Path | None = None
                 return place / name
     where = " or ".join(str(c) for c in candidates)
     raise TokenizerError(f"no tokenizer.json or tokenizer.model found in {where}; pass --tokenizer_path")
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, model_vocab_size: int, model: str | Path) -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding rows (another model's, most
+    likely: its ids would index past the table); one with fewer ids than rows (padded embeddings,
+    common) is fine and said in one line."""
+    special = [i for i in (tokenizer.bos_id, tokenizer.eos_id, *tokenizer.stop_ids) if i is not None]
+    ids = max(tokenizer.vocab_size, max(special, default=-1) + 1)
+    if ids > model_vocab_size:
+        raise TokenizerError(f"the tokenizer has ids up to {ids - 1}, but the model {model} has {model_vocab_size} "
+                             "embedding rows: it is another model's tokenizer; pass the model's own with "
+                             "--tokenizer_path")
+    if ids < model_vocab_size:
+        log.info("The tokenizer has %d ids and the model %s %d embedding rows (padded): the last %d are never "
+                 "produced by encoding", ids, model, model_vocab_size, model_vocab_size - ids)
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
