@@ -15,12 +15,10 @@ flag has one name, one default and one help line everywhere:
         llm.text_completion(prompts, **sampling_kwargs(args))
 
 A bad flag (unknown, misspelled, out of range, a path that is not there, `--device cuda` where torch
-sees no GPU) ends the program in well under a second, before torch is imported where it can: one
-line on stderr and exit code 2. A user error raised later (ValueError, which the checkpoint and
-tokenizer errors are, or OSError) is one line and exit code 1. `--debug`, or LLAMA_INT8_DEBUG=1 in the
-environment, shows the traceback instead.
-
-This module imports nothing heavy (torch only to check `--device cuda`).
+sees no GPU) ends the program with one line on stderr and exit code 2, before any model loads and,
+but for `--device cuda`, before torch is imported: in a fraction of a second. A user error raised
+later (ValueError, which the checkpoint and tokenizer errors are, or OSError) is one line and exit
+code 1. `--debug`, or LLAMA_INT8_DEBUG=1 in the environment, shows the traceback instead.
 """
 
 from __future__ import annotations
