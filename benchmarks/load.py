@@ -4,6 +4,7 @@ while reading a Meta checkpoint), ours from a pre-baked folder, and transformers
 
     python -m benchmarks.load                          # TinyLlama-1.1B shapes, random bf16 weights, int8
     python -m benchmarks.load --quant nf4 --json
+    python -m benchmarks.load --engines prebaked --verify false   # without the shard checksums
     python -m benchmarks.load --ckpt_dir 7B --hf_dir 7B-hf --work_dir /data/bench
 
 Without --ckpt_dir, random bf16 weights in TinyLlama-1.1B's shapes are written once under --work_dir as a
@@ -34,8 +35,9 @@ ENGINES = ("llama_int8", "prebaked", "transformers")
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "llama_int8-bench-load"
 
 
-def measure_here(engine: str, folder: str, quant: str, dtype: str) -> dict:
-    """Load folder with one engine in this process (imports first, then the timed load call)."""
+def measure_here(engine: str, folder: str, quant: str, dtype: str, verify: bool = True) -> dict:
+    """Load folder with one engine in this process (imports first, then the timed load call);
+    verify: check a pre-baked folder's shard checksums."""
     torch_dtype = getattr(torch, dtype)
     if engine in ("llama_int8", "prebaked"):
         from llama_int8 import Llama
@@ -43,7 +45,7 @@ def measure_here(engine: str, folder: str, quant: str, dtype: str) -> dict:
 
         before = rss_anon_bytes()
         start = time.perf_counter()
-        llm = Llama.build(folder, max_seq_len=8, quant=quant, device="cpu", dtype=torch_dtype)
+        llm = Llama.build(folder, max_seq_len=8, quant=quant, device="cpu", dtype=torch_dtype, verify=verify)
         seconds = time.perf_counter() - start
         footprint = weight_bytes(llm.model)
     elif engine == "transformers":
@@ -82,13 +84,16 @@ def prepare_synthetic(work_dir: Path) -> tuple[Path, Path]:
 
 
 def prepare_prebaked(source: Path, work_dir: Path, quant: str) -> Path:
-    from llama_int8.formats import open_checkpoint
-    from llama_int8.formats.prebaked import write_prebaked
+    """The pre-baked folder of source, written again when missing or of an older format version."""
+    from llama_int8.formats import CheckpointError, open_checkpoint
+    from llama_int8.formats.prebaked import read_manifest, write_prebaked
     from llama_int8.quantize import parse_quant_mode
 
     out = work_dir / f"{source.name}-{quant}"
-    if not out.exists():
-        write_prebaked(open_checkpoint(source), out, parse_quant_mode(quant))
+    try:
+        read_manifest(out, verify=False)
+    except CheckpointError:
+        write_prebaked(open_checkpoint(source), out, parse_quant_mode(quant), force=True)
     return out
 
 
@@ -103,10 +108,11 @@ def read_files(folder: Path) -> None:
 
 def main(ckpt_dir: str | None = None, hf_dir: str | None = None, quant: str = "int8", dtype: str = "bfloat16",
          engines: str | tuple = ENGINES, runs: int = 1, work_dir: str = str(DEFAULT_WORK_DIR), json: bool = False,
-         engine: str | None = None) -> None:
-    """Measure each engine's load in its own process; --engine E --ckpt_dir D measures one load here."""
+         engine: str | None = None, verify: bool = True) -> None:
+    """Measure each engine's load in its own process; --engine E --ckpt_dir D measures one load here.
+    --verify false loads pre-baked folders without checking their shard checksums."""
     if engine is not None:  # the child's side
-        print(jsonlib.dumps(measure_here(engine, str(ckpt_dir), quant, dtype)))
+        print(jsonlib.dumps(measure_here(engine, str(ckpt_dir), quant, dtype, verify)))
         return
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -129,7 +135,8 @@ def main(ckpt_dir: str | None = None, hf_dir: str | None = None, quant: str = "i
         results = []
         for _ in range(runs):
             child = run_sampled([sys.executable, "-m", "benchmarks.load", "--engine", name, "--ckpt_dir", str(folder),
-                                 "--quant", quant, "--dtype", dtype], cwd=Path(__file__).parent.parent)
+                                 "--quant", quant, "--dtype", dtype, "--verify", str(verify)],
+                                cwd=Path(__file__).parent.parent)
             results.append({**child.last_json(), "peak": child.peak_rss_anon})
         seconds = statistics.median(r["seconds"] for r in results)
         peak = max(r["peak"] for r in results)
@@ -140,7 +147,7 @@ def main(ckpt_dir: str | None = None, hf_dir: str | None = None, quant: str = "i
     base = next((r["load s"] for r in rows if r["engine"] == "transformers"), None)
     for r in rows:
         r["x transformers time"] = None if base is None else r["load s"] / base
-    report(f"Load to the CPU: {title}, {dtype}", rows, json, {"runs": runs})
+    report(f"Load to the CPU: {title}, {dtype}", rows, json, {"runs": runs, "verify": verify})
 
 
 if __name__ == "__main__":

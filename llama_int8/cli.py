@@ -5,7 +5,7 @@ flag has one name, one default and one help line everywhere:
 
     parser = make_parser("python -m llama_int8.x", "What it does, in one line.")
     add_checkpoint_flags(parser)   # --ckpt_dir --tokenizer_path --delta --quant --int8_threshold --blocksize --quantize_head
-    add_runtime_flags(parser)      # --max_batch_size --max_seq_len --device --dtype --attention --sliding_window --prefill_chunk
+    add_runtime_flags(parser)      # --max_batch_size --max_seq_len --device --dtype --attention --sliding_window --prefill_chunk --no_verify
     add_sampling_flags(parser)     # --max_gen_len --temperature --top_p --repetition_penalty --seed
     add_switch(parser, "--chat", "talk to the model on stdin (default: off)")   # --chat, --chat true, --chat=false
     run_cli(parser, main)          # parse and check the flags, set up logging, then main(args)
@@ -227,6 +227,7 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                        help="attend to the last N positions only; the KV cache then holds N (default: the checkpoint's)")
     group.add_argument("--prefill_chunk", type=positive_int, metavar="N",
                        help="prefill long prompts N tokens at a time (default: the whole prompt at once)")
+    add_switch(group, "--no_verify", "load a pre-baked folder without checking its shards' SHA-256 (default: checked)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -277,7 +278,7 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 int8_threshold=args.int8_threshold, blocksize=args.blocksize, quantize_head=args.quantize_head,
                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device,
                 dtype=args.dtype, attention=args.attention, sliding_window=args.sliding_window,
-                prefill_chunk=args.prefill_chunk)
+                prefill_chunk=args.prefill_chunk, verify=not args.no_verify)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
