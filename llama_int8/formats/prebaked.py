@@ -42,7 +42,7 @@ from ..version import __version__
 from .common import (Checkpoint, CheckpointError, NamedTensor, QuantizedLayer, check_finite, checked_tensors,
                      file_inside, open_safetensors, read_json, read_safetensors_tensor)
 from .model_config import model_args_from
-from .writing import identity, make_readable, move_into_place, new_folder  # noqa: F401 (see replace_folder)
+from .writing import new_folder
 
 log = logging.getLogger(__name__)
 
@@ -260,13 +260,6 @@ def manifest_json(manifest: dict) -> str:
     head = json.dumps({k: v for k, v in manifest.items() if k != "tensors"}, indent=1)
     rows = ",\n".join(f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in manifest["tensors"].items())
     return head.removesuffix("\n}") + ',\n "tensors": {\n' + rows + "\n }\n}\n"
-
-
-# Until formats/export.py's switch to writing.new_folder is committed, its committed version imports
-# make_readable and replace_folder from here. Remove both once it is.
-def replace_folder(new: Path, target: Path) -> None:
-    """Rename new to target, replacing the folder there, for export.py's stand-in writer only."""
-    move_into_place(new, target, identity(target) if target.exists() else None)
 
 
 def copy_tokenizer(tokenizer: Path, folder: Path) -> None:
