@@ -131,6 +131,15 @@ def test_every_finished_folder_holds_a_marker_naming_its_kind(baked):
     assert writing.folder_kind(baked) == "prebaked"
 
 
+def test_force_replaces_only_a_folder_of_the_kind_being_written(hf_source, tmp_path):
+    out = tmp_path / "export"
+    with new_folder(out, "hf", []) as folder:
+        (folder / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds a hf folder written by llama_int8, not a prebaked one"):
+        write_prebaked(open_checkpoint(hf_source), out, INT8, force=True)
+    assert siblings(out) == ["config.json", MARKER_NAME]
+
+
 def test_a_folder_that_appears_while_writing_is_never_replaced(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(FileExistsError, match="appeared while"):

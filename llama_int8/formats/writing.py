@@ -13,10 +13,10 @@ What it guarantees:
   (renameat2 RENAME_NOREPLACE), so of two writers at once exactly one wins and the other fails
   with FileExistsError, leaving the winner's folder as it is.
 - An existing out_dir is refused (FileExistsError) unless force; force replaces only a folder this
-  project wrote (a complete marker naming its kind, or what `also_ours` recognises: folders of
-  that kind written before markers existed), and only the folder that was there at the start. The
-  old folder is moved aside and deleted only once the new one is in place; if the final rename
-  fails it is moved back, byte for byte as it was.
+  project wrote of the same kind (a complete marker naming it, or what `also_ours` recognises:
+  folders of that kind written before markers existed), and only the folder that was there at the
+  start. The old folder is moved aside and deleted only once the new one is in place; if the final
+  rename fails it is moved back, byte for byte as it was.
 - An out_dir that is one of the sources, contains one or lies inside one is always refused
   (ValueError), with or without force.
 - A killed run's temporary folder is removed by the next run onto the same out_dir when its process
@@ -182,8 +182,12 @@ def check_replaceable(out: Path, kind: str, force: bool, also_ours: Callable[[Pa
         raise FileExistsError(f"{out} already exists and was not written by llama_int8 (it holds "
                               f"{describe_contents(out)}), so --force does not replace it either; choose another "
                               "output folder or remove it yourself")
+    if found != kind:
+        raise FileExistsError(f"{out} holds a {found} folder written by llama_int8, not a {kind} one, and --force "
+                              "replaces only a folder of the kind being written; choose another output folder or "
+                              "remove it yourself")
     if not force:
-        raise FileExistsError(f"{out} already exists (a {found} folder written by llama_int8); pass --force to "
+        raise FileExistsError(f"{out} already exists (a {kind} folder written by llama_int8); pass --force to "
                               "replace it")
     return identity(out)
 
