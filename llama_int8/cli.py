@@ -16,7 +16,7 @@ flag has one name, one default and one help line everywhere:
 
 A bad flag (unknown, misspelled, out of range, a path that is not there, `--device cuda` where torch
 sees no GPU) ends the program with one line on stderr and exit code 2, before any model loads and,
-but for `--device cuda`, before torch is imported: in a fraction of a second. A user error raised
+but for `--device cuda` with a torch built for CUDA, before torch is imported: in a fraction of a second. A user error raised
 later (ValueError, which the checkpoint and tokenizer errors are, or OSError) is one line and exit
 code 1. `--debug`, or LLAMA_INT8_DEBUG=1 in the environment, shows the traceback instead.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.metadata
 import logging
 import os
 import re
@@ -257,6 +258,14 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) 
 
 
 def check_cuda(parser: argparse.ArgumentParser, device: str) -> None:
+    """Refuse a CUDA device torch cannot see. A CPU-only build says so in its version (2.13.0+cpu),
+    read without importing torch, which takes seconds; other builds are asked."""
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        version = ""
+    if version.endswith("+cpu"):
+        parser.error(f"argument --device: {device} asked for, but torch {version} is a CPU-only build")
     import torch  # only here: every other flag is checked without it
 
     count = torch.cuda.device_count()

@@ -5,6 +5,7 @@ user error found later is one line and exit code 1; --help is one line per flag 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import inspect
 import os
@@ -206,6 +207,13 @@ def test_bad_flags_fail_before_torch_is_imported(script, flags, expected, no_tor
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.skipif(not importlib.metadata.version("torch").endswith("+cpu"), reason="needs a CPU-only torch build")
+def test_cuda_with_a_cpu_only_torch_fails_before_torch_is_imported(no_torch):
+    done = run_script("example.py", "--device", "cuda", env=no_torch)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "is a CPU-only build" in done.stderr, done.stderr
 
 
 def test_example_completes_several_prompts(tiny_meta):
