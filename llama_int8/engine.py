@@ -17,6 +17,9 @@ Batch invariance: with greedy decoding (float32) a request gets the same tokens 
 others. Each row attends over exactly its own keys, alone (model.Attention), and a decode step of
 one row runs it as a pair: the CPU's matrix kernels take another path for one row than for several
 (gemv against gemm), whose sums round differently, while 2 rows and more agree bit for bit (measured).
+The pair costs a lone row up to twice the time on a CPU, so it is paid only where it buys something:
+a quantized model's rows depend on the batch anyway (LLM.int8() picks its 16-bit outlier columns over
+all rows; the 4-bit layers too take another kernel for one row), and there a lone row runs alone.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import Transformer
-from .sampling import SamplingParams, next_tokens, top_logprobs
+from .model import Linear, Transformer
+from .sampling import SamplingParams, apply_logit_bias, next_tokens, top_logprobs
 from .textstream import IncrementalDecoder, StopStringFilter
 from .tokenizer import Tokenizer
 
@@ -49,7 +52,15 @@ class QueueFull(RuntimeError):
     """Every slot is taken and the waiting queue is full."""
 
 
-class ContextLengthExceeded(ValueError):
+class InvalidRequest(ValueError):
+    """A request the engine cannot run; field names the part of it that is wrong."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class ContextLengthExceeded(InvalidRequest):
     """The prompt and the tokens asked for do not fit in max_seq_len."""
 
 
@@ -147,6 +158,10 @@ class ActiveRequest:
             self.seen = torch.zeros((1, vocab_size), dtype=torch.bool, device=device)
             self.seen[0, torch.tensor(self.tokens, device=device)] = True
             self.counts = torch.zeros((1, vocab_size), dtype=torch.float32, device=device)
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens [n], values [n])
+        if request.sampling.logit_bias:
+            tokens, values = zip(*request.sampling.logit_bias)
+            self.bias = (torch.tensor(tokens, device=device), torch.tensor(values, dtype=torch.float32, device=device))
         self.decoder = IncrementalDecoder(tokenizer, self.tokens)
         self.stops = StopStringFilter(request.stop_strings)
 
@@ -180,6 +195,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk or model.prefill_chunk or DEFAULT_PREFILL_CHUNK
         if model.prefill_chunk is not None:
             self.prefill_chunk = min(self.prefill_chunk, model.prefill_chunk)
+        self.pair_lone_rows = computes_rows_independently(model)
         self.slots: list[ActiveRequest | None] = [None] * model.max_batch_size
         self.waiting: deque[Handle] = deque()
         self.lock = threading.Condition()  # guards waiting and closed; notified when work arrives
@@ -201,27 +217,31 @@ class Engine:
         return len(self.waiting)
 
     def check(self, request: Request) -> None:
-        """Raise ValueError (ContextLengthExceeded for a prompt that does not fit) naming what is wrong."""
+        """Raise InvalidRequest (ContextLengthExceeded for a prompt that does not fit) naming what is wrong."""
         n = len(request.prompt)
         if n == 0:
-            raise ValueError("prompt: expected at least one token, got none")
+            raise InvalidRequest("prompt", "prompt: expected at least one token, got none")
         vocab = self.model.args.vocab_size
         if min(request.prompt) < 0 or max(request.prompt) >= vocab:
-            raise ValueError(f"prompt: token ids must be in [0, {vocab}), got {min(request.prompt)}..{max(request.prompt)}")
+            raise InvalidRequest("prompt", f"prompt: token ids must be in [0, {vocab}), got "
+                                           f"{min(request.prompt)}..{max(request.prompt)}")
         if request.max_tokens < 1:
-            raise ValueError(f"max_tokens: expected >= 1, got {request.max_tokens}")
+            raise InvalidRequest("max_tokens", f"max_tokens: expected >= 1, got {request.max_tokens}")
         if n + request.max_tokens > self.max_seq_len:
             raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
-                f"{n + request.max_tokens} tokens ({n} in the prompt, {request.max_tokens} in the completion). "
-                "Please reduce the length of the prompt or of the completion.")
+                "prompt", f"This model's maximum context length is {self.max_seq_len} tokens. However, you "
+                f"requested {n + request.max_tokens} tokens ({n} in the prompt, {request.max_tokens} in the "
+                "completion). Please reduce the length of the prompt or of the completion.")
         if request.logprobs is not None and not 0 <= request.logprobs <= vocab:
-            raise ValueError(f"logprobs: expected 0..{vocab} alternatives, got {request.logprobs}")
+            raise InvalidRequest("logprobs", f"logprobs: expected 0..{vocab} alternatives, got {request.logprobs}")
+        biased = [t for t, _ in request.sampling.logit_bias if not 0 <= t < vocab]
+        if biased:
+            raise InvalidRequest("logit_bias", f"logit_bias: token ids must be in [0, {vocab}), got {biased[:5]}")
 
     def submit(self, requests: Sequence[Request], on_output: Callable[[int, Output], None]) -> list[Handle]:
         """Queue requests, all or none; on_output(i, output) receives the outputs of requests[i].
 
-        Raises ValueError for a bad request, QueueFull when they do not all fit in the free slots
+        Raises InvalidRequest for a bad request, QueueFull when they do not all fit in the free slots
         and the queue, RuntimeError once the engine is closed."""
         for r in requests:
             self.check(r)
@@ -290,7 +310,7 @@ class Engine:
     @torch.inference_mode()
     def decode(self, seqs: list[ActiveRequest]) -> None:
         # One row runs as a pair (see the module's docstring): the same kernel as any other batch.
-        rows = seqs if len(seqs) > 1 else seqs * 2
+        rows = seqs * 2 if len(seqs) == 1 and self.pair_lone_rows else seqs
         tokens = torch.tensor([[s.tokens[-1]] for s in rows], device=self.model.device)  # [b, 1]
         positions = torch.tensor([s.cached for s in rows], device=self.model.device)
         logits = self.model(tokens, positions, cache_rows=[s.row for s in rows])[:len(seqs), -1]  # [n, vocab]
@@ -310,6 +330,8 @@ class Engine:
         """The next token of one sequence, [1], from its logits [1, vocab]; each row by itself, so that
         what a request draws does not depend on the requests beside it."""
         p = seq.request.sampling
+        if seq.bias is not None:
+            logits = apply_logit_bias(logits, *seq.bias)
         return next_tokens(logits, p.temperature, p.top_p, p.repetition_penalty, seq.seen, seq.generator,
                            seq.counts, p.frequency_penalty, p.presence_penalty)
 
@@ -384,6 +406,12 @@ class Engine:
                 pending.popleft()
             self.step()
         return results
+
+
+def computes_rows_independently(model: Transformer) -> bool:
+    """Whether every linear layer is the model's own (unquantized), whose rows' results depend on
+    nothing but the row and how many rows the kernel sees."""
+    return all(isinstance(m, Linear) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 class EngineThread:

@@ -352,9 +352,10 @@ class Attention(nn.Module):
             # Each row attends over exactly its own keys, alone: padding rows to one length, or
             # running rows of equal length as one SDPA batch, changes how the sums round (measured
             # on the CPU), and a request must get the same tokens whatever runs beside it.
-            out = torch.cat([attend(q[i:i + 1], *self.cache.update(k[i:i + 1], v[i:i + 1], start, row),
-                                    self.window, self.backend)
-                             for i, (row, start) in enumerate(zip(place.cache_rows, place.starts))])
+            rows = [attend(q[i:i + 1], *self.cache.update(k[i:i + 1], v[i:i + 1], start, row),
+                           self.window, self.backend)
+                    for i, (row, start) in enumerate(zip(place.cache_rows, place.starts))]
+            out = rows[0] if b == 1 else torch.cat(rows)  # [b, s, h, d]
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -478,8 +479,8 @@ class Transformer(nn.Module):
         if isinstance(place, int):
             rotation = self.rope[place:place + s]  # [s, d/2]
         else:
-            positions = torch.tensor(place.starts, device=tokens.device)[:, None] + torch.arange(s, device=tokens.device)
-            rotation = self.rope[positions]  # [b, s, d/2]
+            starts = torch.tensor(place.starts, device=tokens.device)
+            rotation = self.rope[starts[:, None] + torch.arange(s, device=tokens.device)]  # [b, s, d/2]
         for layer in self.layers:
             h = layer(h, place, rotation)
         return h

@@ -1,5 +1,6 @@
 """Sampling steps as small pure functions on float32 logits [batch, vocab], applied in this order:
-repetition penalty, frequency and presence penalties, temperature, top-p. Temperature 0 is argmax.
+logit bias, repetition penalty, frequency and presence penalties, temperature, top-p. Temperature 0
+is argmax.
 
 SamplingParams holds one request's settings; a scheduler that batches requests applies them row by
 row (see engine.py).
@@ -24,6 +25,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL's, over the prompt and the generated tokens (transformers')
     frequency_penalty: float = 0.0  # OpenAI's, over the generated tokens: minus this times the count
     presence_penalty: float = 0.0  # OpenAI's, over the generated tokens: minus this once a token appeared
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token, value in [-100, 100]) added to its logit
 
     def __post_init__(self) -> None:
         checks = {"temperature": self.temperature >= 0, "top_p": 0 < self.top_p <= 1,
@@ -36,11 +38,19 @@ class SamplingParams:
             value = getattr(self, name)
             if not (ok and math.isfinite(value)):
                 raise ValueError(f"{name}: expected a number {expected[name]}, got {value!r}")
+        for token, bias in self.logit_bias:
+            if not (-100 <= bias <= 100 and math.isfinite(bias)):
+                raise ValueError(f"logit_bias: expected values in [-100, 100], got {bias!r} for token {token}")
 
     @property
     def reads_history(self) -> bool:
         """Whether a penalty needs the tokens seen so far."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def apply_logit_bias(logits: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """logits [batch, vocab] with bias [n] added to the columns tokens [n] (OpenAI's logit_bias)."""
+    return logits.index_add(-1, tokens, bias.expand(logits.shape[0], -1))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -35,8 +35,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import openai_api as api
-from .engine import DEFAULT_MAX_QUEUE, Completion, ContextLengthExceeded, Engine, EngineThread, Output, QueueFull, \
-    Request
+from .engine import DEFAULT_MAX_QUEUE, Completion, ContextLengthExceeded, Engine, EngineThread, InvalidRequest, Output, \
+    QueueFull, Request
 from .sampling import SamplingParams
 
 log = logging.getLogger("llama_int8.server")
@@ -171,8 +171,8 @@ class Generation:
             raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from e
         except ContextLengthExceeded as e:
             raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
-        except ValueError as e:
-            raise ApiError(400, str(e), param=param) from e
+        except InvalidRequest as e:
+            raise ApiError(400, str(e), param=param if e.field == "prompt" else e.field) from e
         except RuntimeError as e:
             raise ApiError(503, str(e), "service_unavailable", code="shutting_down") from e
         state.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
@@ -258,7 +258,8 @@ def engine_requests(state: ServerState, prompts: list[list[int]], body: api.Gene
             sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p,
                                       seed=None if body.seed is None else body.seed + j,
                                       repetition_penalty=body.repetition_penalty,
-                                      frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
+                                      frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                                      logit_bias=tuple((body.logit_bias or {}).items()))
             requests.append(Request(prompt, limit, sampling, stop_ids, body.stop_strings, alternatives))
     return requests
 

@@ -9,7 +9,7 @@ import torch
 from conftest import hf_greedy, tiny_hf_model, write_hf_folder
 from llama_int8 import Llama
 from llama_int8.engine import ContextLengthExceeded, Engine, Output, QueueFull, Request
-from llama_int8.sampling import SamplingParams
+from llama_int8.sampling import SamplingParams, apply_frequency_presence_penalty, apply_logit_bias
 
 SLOTS = 8
 PROMPT_LENGTHS = (3, 21, 9, 40, 2, 15, 30, 6)  # some span several prefill chunks
@@ -186,6 +186,8 @@ def test_prompt_that_does_not_fit_is_refused(llama_llm):
         engine.submit([Request([1, 2], max_tokens=0)], lambda *_: None)
     with pytest.raises(ValueError, match="prompt"):
         engine.submit([Request([1, 500], max_tokens=1)], lambda *_: None)
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.submit([Request([1], 1, SamplingParams(logit_bias=((128, 1.0),)))], lambda *_: None)
 
 
 def test_stop_string_ends_the_text_and_is_never_shown(llama_llm):
@@ -217,3 +219,46 @@ def test_run_drives_more_requests_than_slots_and_queue(llama_llm):
     results = Engine(llm.model, llm.tokenizer, max_queue=1).run(requests)
     assert [r.tokens for r in results] == [tokens_of(run_alone(llm, r)) for r in requests]
     assert all(r.finish_reason == "length" and r.completion_tokens == 5 for r in results)
+
+
+def test_logit_bias_steers_each_request_alone(llama_llm):
+    llm, _ = llama_llm
+    prompt = random_prompt(5, 8)
+    greedy = SamplingParams(temperature=0.0)
+    free = tokens_of(run_alone(llm, Request(prompt, 8, greedy)))
+    forced = SamplingParams(temperature=0.0, logit_bias=((77, 100.0),))
+    banned = SamplingParams(temperature=0.0, logit_bias=((free[0], -100.0),))
+    results = Engine(llm.model, llm.tokenizer).run([Request(prompt, 8, forced), Request(prompt, 8, banned),
+                                                    Request(prompt, 8, greedy)])
+    assert results[0].tokens == [77] * 8
+    assert results[1].tokens[0] != free[0]
+    assert results[2].tokens == free
+
+
+def test_penalties_and_bias_follow_openais_formulas():
+    """OpenAI's documented formula: mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty,
+    with c[j] the times token j was generated; logit_bias adds its value to the token's logit."""
+    logits = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    counts = torch.tensor([[0, 1, 3, 0, 0, 2], [5, 0, 0, 0, 1, 0]], dtype=torch.float32)
+    got = apply_frequency_presence_penalty(logits, counts, 0.5, 0.25)
+    for row in range(2):
+        for j in range(6):
+            c = counts[row, j].item()
+            assert got[row, j].item() == pytest.approx(logits[row, j].item() - c * 0.5 - (c > 0) * 0.25)
+    biased = apply_logit_bias(logits, torch.tensor([1, 4]), torch.tensor([2.0, -100.0]))
+    expected = logits.clone()
+    expected[:, 1] += 2.0
+    expected[:, 4] -= 100.0
+    torch.testing.assert_close(biased, expected)
+
+
+def test_a_lone_request_on_a_quantized_model_runs_as_llama_generate(tmp_path, sp_model):
+    """Quantized rows depend on the batch anyway: a lone decode row is not paired, and gets exactly
+    the tokens of the static-batch generator at batch 1."""
+    folder = write_hf_folder(tiny_hf_model(seed=13, num_key_value_heads=2), tmp_path / "m", tokenizer=sp_model)
+    llm = Llama.build(folder, quant="int8", dtype="float32", device="cpu", max_seq_len=64, max_batch_size=2)
+    engine = Engine(llm.model, llm.tokenizer)
+    assert not engine.pair_lone_rows
+    prompt = random_prompt(7, 9)
+    (result,) = engine.run([Request(prompt, 20, SamplingParams(temperature=0.0))])
+    assert result.tokens == llm.generate([prompt], max_gen_len=20, temperature=0, stop_ids=())[0]

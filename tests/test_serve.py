@@ -260,6 +260,8 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),  # the chat format refuses it
+    ({"logit_bias": {"5": 300}}, "logit_bias.5"),
+    ({"logit_bias": {"100000": 1}}, "logit_bias"),  # beyond the vocabulary: the engine refuses it
 ])
 def test_bad_field_answers_400_naming_it(server, change, param):
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 4, **change}
