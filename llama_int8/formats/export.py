@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from ..model import ModelArgs, parameter_shapes
 from ..tokenizer import Tokenizer, find_tokenizer_file
 from .common import Checkpoint, NamedTensor, checked_tensors, meta_to_hf_name, permute_rotary_rows
-from .writing import folder_kind, new_folder
+from .writing import new_folder
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ def write_hf_folder(checkpoint: Checkpoint, out_dir: str | Path, kind: str, dtyp
     quantize (when given), every other tensor in dtype (None: the source's), config.json (with
     quantization_config(dtype written), when given), tokenizer files and generation_config.json."""
     check_unquantized_source(checkpoint, kind)
-    check_same_kind(Path(out_dir), kind)
     tokenizer = checkpoint.tokenizer(tokenizer_path)
     start = time.perf_counter()
     with new_folder(out_dir, kind, checkpoint.paths(), force) as folder:
@@ -67,15 +66,6 @@ def write_hf_folder(checkpoint: Checkpoint, out_dir: str | Path, kind: str, dtyp
     log.info("Wrote %s (%s, %s) in %.1f s", out_dir, kind, str(written_dtype).removeprefix("torch."),
              time.perf_counter() - start)
     return Path(out_dir)
-
-
-def check_same_kind(out: Path, kind: str) -> None:
-    """--force replaces a folder of this kind only: another kind this project wrote (a pre-baked
-    folder, an export in another format) is not what a rerun of this command would overwrite."""
-    existing = folder_kind(out) if out.is_dir() else None
-    if existing is not None and existing != kind:
-        raise FileExistsError(f"{out} holds a {existing} folder written by llama_int8, not {kind}; choose another "
-                              "output folder or remove it yourself")
 
 
 def write_hf_tensors(checkpoint: Checkpoint, dtype: torch.dtype | None, writer: HFShardWriter,
