@@ -262,3 +262,25 @@ def test_a_lone_request_on_a_quantized_model_runs_as_llama_generate(tmp_path, sp
     prompt = random_prompt(7, 9)
     (result,) = engine.run([Request(prompt, 20, SamplingParams(temperature=0.0))])
     assert result.tokens == llm.generate([prompt], max_gen_len=20, temperature=0, stop_ids=())[0]
+
+
+# --- Real weights ------------------------------------------------------------------------------------
+
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
+             "Explain in one sentence why the sky is blue.", "What is 12 times 12?",
+             "Give a tip for staying healthy.", "Who wrote Hamlet?", "Translate 'good morning' into French."]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_alone_equals_among_eight_concurrent(smollm2_gguf):
+    llm = Llama.build(smollm2_gguf, quant="none", dtype="float32", device="cpu", max_seq_len=256,
+                      max_batch_size=SLOTS, prefill_chunk=32)
+    text = " ".join(["The lighthouse keeper climbed the stairs every evening to light the lamp."] * 5)
+    prompts = [llm.encode_dialog([{"role": "user", "content": f"{text} {q}" if i % 3 == 1 else q}])
+               for i, q in enumerate(QUESTIONS)]  # three of them span several prefill chunks
+    requests = [Request(p, max_tokens=m, sampling=SamplingParams(temperature=0.0), stop_ids=llm.tokenizer.stop_ids)
+                for p, m in zip(prompts, (10, 8, 12, 10, 6, 8, 6, 12))]
+    together = run_staggered(Engine(llm.model, llm.tokenizer), requests, ARRIVAL_STEPS)
+    for i, (request, outs) in enumerate(zip(requests, together)):
+        assert tokens_of(outs) == tokens_of(run_alone(llm, request)), f"request {i}"
+    assert "Paris" in "".join(o.text for o in together[0])
