@@ -49,7 +49,7 @@ class QuantizedLayer:
 class Checkpoint(ABC):
     """A checkpoint on disk as the loader sees it: a configuration, then its tensors one at a time.
 
-    format: "meta", "hf", "gguf" or "prebaked" (a stack reports its base's).
+    format: "meta", "hf", "hf-bnb", "gguf" or "prebaked" (a stack reports its base's).
     location: what messages call it: its folder, or its file for single-file formats.
     quant: the mode its layers were quantized in, or None for 16/32-bit weights.
     """
