@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .engine import Output, TokenLogprob
+from .engine import Output, Request, TokenLogprob
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 # OpenAI's legacy completions generate 16 tokens when max_tokens is not given; chat fills the context.
@@ -118,6 +119,28 @@ class DetokenizeRequest(OpenAIBody):
     tokens: list[int]
 
 
+def field_path(loc: tuple | list) -> str:
+    """pydantic's error location as a field path: ("body", "messages", 0, "role") -> messages[0].role."""
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith(("function-", "list[", "str", "int")):  # union branches say nothing
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def first_invalid_field(errors: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """The field (None for the body itself) and message of the first of pydantic's validation errors,
+    the message led by the field's path."""
+    first = errors[0]
+    param = field_path(first.get("loc", ()))
+    where = f"{param}: " if param else ""
+    return param or None, f"{where}{first.get('msg', 'invalid value')}"
+
+
 def unknown_fields(body: BaseModel) -> list[str]:
     """Dotted names of the fields of body (nested models included) that no model declares."""
     found = [name for name in body.model_extra or {}]
@@ -128,6 +151,23 @@ def unknown_fields(body: BaseModel) -> list[str]:
                 where = f"{name}[{i}]" if isinstance(value, list) else name
                 found += [f"{where}.{inner}" for inner in unknown_fields(child)]
     return found
+
+
+# --- Engine requests ---------------------------------------------------------------------------------
+
+def sampling_params(body: GenerationFields, choice: int = 0) -> SamplingParams:
+    """How a body's choice-th choice samples; choices of a seeded body get seed, seed + 1, ..."""
+    return SamplingParams(temperature=body.temperature, top_p=body.top_p,
+                          seed=None if body.seed is None else body.seed + choice,
+                          repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
+                          presence_penalty=body.presence_penalty, logit_bias=tuple((body.logit_bias or {}).items()))
+
+
+def engine_request(body: GenerationFields, prompt: list[int], max_tokens: int, stop_ids: frozenset[int],
+                   alternatives: int | None, choice: int = 0) -> Request:
+    """The engine request of one choice: the tokenizer's stop_ids end it unless the body ignores EOS."""
+    stops = frozenset() if body.ignore_eos else stop_ids
+    return Request(prompt, max_tokens, sampling_params(body, choice), stops, body.stop_strings, alternatives)
 
 
 # --- Responses ---------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import openai_api as api
 from .engine import DEFAULT_MAX_QUEUE, Completion, ContextLengthExceeded, Engine, EngineThread, InvalidRequest, Output, \
     QueueFull, Request
-from .sampling import SamplingParams
 
 log = logging.getLogger("llama_int8.server")
 
@@ -247,20 +246,14 @@ def engine_requests(state: ServerState, prompts: list[list[int]], body: api.Gene
                     default_max_tokens: int | None, alternatives: int | None, param: str) -> list[Request]:
     """body.n requests per prompt (seeded seed, seed + 1, ... when a seed is given); max_tokens None
     takes default_max_tokens, or what the context leaves when that is None too."""
-    stop_ids = frozenset() if body.ignore_eos else state.tokenizer.stop_ids
     requests = []
     for prompt in prompts:
         limit = max_tokens or default_max_tokens or state.ready_engine().max_seq_len - len(prompt)
         if limit < 1:
             raise ApiError(400, f"This model's maximum context length is {state.ready_engine().max_seq_len} tokens; "
                                 f"the prompt alone has {len(prompt)}", param=param, code="context_length_exceeded")
-        for j in range(body.n):
-            sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p,
-                                      seed=None if body.seed is None else body.seed + j,
-                                      repetition_penalty=body.repetition_penalty,
-                                      frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                                      logit_bias=tuple((body.logit_bias or {}).items()))
-            requests.append(Request(prompt, limit, sampling, stop_ids, body.stop_strings, alternatives))
+        requests += [api.engine_request(body, prompt, limit, state.tokenizer.stop_ids, alternatives, j)
+                     for j in range(body.n)]
     return requests
 
 
@@ -486,27 +479,12 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_field(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
-        param = field_path(first.get("loc", ()))
-        where = f"{param}: " if param else ""
-        return ApiError(400, f"{where}{first.get('msg', 'invalid value')}", param=param or None).response()
+        param, message = api.first_invalid_field(e.errors())
+        return ApiError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
         return ApiError(e.status_code, str(e.detail)).response()
-
-
-def field_path(loc: tuple | list) -> str:
-    """pydantic's error location as a field path: ("body", "messages", 0, "role") -> messages[0].role."""
-    path = ""
-    for part in loc:
-        if part == "body" and not path:
-            continue
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif not str(part).startswith(("function-", "list[", "str", "int")):  # union branches say nothing
-            path += f".{part}" if path else str(part)
-    return path
 
 
 class BodySizeLimit:
