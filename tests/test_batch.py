@@ -17,6 +17,8 @@ import pytest
 
 from conftest import CORPUS, tiny_hf_model, write_hf_folder
 from llama_int8 import Llama, batch
+from llama_int8.batch_files import read_requests
+from llama_int8.batch_runner import BatchSettings, run_batch
 from llama_int8.cli import run_cli
 from llama_int8.engine import Completion, Engine, Request
 from llama_int8.sampling import SamplingParams
@@ -324,19 +326,18 @@ def test_a_results_file_of_something_else_is_refused(tiny_folder, tmp_path, caps
 
 @pytest.mark.slow
 def test_smollm2_chat_lines_follow_its_template_and_stop_at_end_of_turn(smollm2_gguf, tmp_path):
-    """SmolLM2's ChatML template and <|im_end|>: each answer equals chat_completion's for the dialog alone."""
+    """SmolLM2's ChatML template and <|im_end|>: each answer among others equals chat_completion's for
+    the dialog alone (the runner on the test's model: one load instead of two)."""
     questions = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?", "Say hello."]
-    lines = [{"id": f"q{i}", "messages": [{"role": "user", "content": q}], "max_tokens": 48}
+    lines = [{"id": f"q{i}", "messages": [{"role": "user", "content": q}], "max_tokens": 32}
              for i, q in enumerate(questions)]
     requests, results = write_lines(tmp_path / "requests.jsonl", lines), tmp_path / "results.jsonl"
-    run_cli(batch.build_parser(), batch.main, ["--ckpt_dir", str(smollm2_gguf), "--quant", "none", "--dtype", "float32",
-                                               "--device", "cpu", "--max_seq_len", "128", "--max_batch_size", "4",
-                                               "--input", str(requests), "--output", str(results)])
+    llm = Llama.build(smollm2_gguf, quant="none", dtype="float32", device="cpu", max_seq_len=128, max_batch_size=4)
+    run_batch(llm, read_requests(requests), requests, results, BatchSettings(32, {"temperature": 0.0}), "smollm2")
     got = by_id(read_results(results))
-    llm = Llama.build(smollm2_gguf, quant="none", dtype="float32", device="cpu", max_seq_len=128)
     for line in lines:
         dialog = line["messages"]
-        reference = llm.chat_completion([dialog], temperature=0, max_gen_len=48)[0]
+        reference = llm.chat_completion([dialog], temperature=0, max_gen_len=32)[0]
         assert got[line["id"]]["text"] == reference["generation"]["content"]
         assert got[line["id"]]["prompt_tokens"] == len(llm.encode_dialog(dialog))
     assert any(got[line["id"]]["finish_reason"] == "stop" for line in lines)  # ended by <|im_end|>, not the limit
