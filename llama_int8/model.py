@@ -91,10 +91,37 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_grad_enabled()):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through oneDNN for float32 inference on the CPU (see Linear)."""
+    if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_grad_enabled()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def fuse_weights(layers: Sequence[nn.Module]) -> torch.Tensor | None:
+    """One [sum of outs, in] weight holding the rows of plain Linear layers that read the same input,
+    each layer's weight becoming a view of its rows (no byte held twice), so that one matmul serves
+    them all; None, touching nothing, when any of them is another kind of layer (quantized) or has a
+    bias, or their weights differ in device or dtype.
+
+    The views share the fused weight's memory: changes made in place reach both, but a layer given a
+    new weight afterwards would no longer be seen by the fused product."""
+    if not all(type(layer) is Linear and layer.bias is None for layer in layers):
+        return None
+    weights = [layer.weight for layer in layers]
+    if len({(w.device, w.dtype) for w in weights}) != 1 or weights[0].device.type == "meta":
+        return None
+    fused = torch.cat([w.detach() for w in weights])
+    start = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight = nn.Parameter(fused[start:start + rows], requires_grad=layer.weight.requires_grad)
+        start += rows
+    return fused
 
 
 def rope_inverse_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -336,14 +363,25 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.rotate = ROTARY[args.rope_layout]  # chosen once: the checkpoint's q/k row layout
         self.cache: KVCache | RollingKVCache | None = None
+        self.wqkv: torch.Tensor | None = None  # wq, wk, wv's rows as one weight: see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """Compute q, k and v with one matmul where wq, wk and wv are plain Linear layers (quantized
+        int8 ones share their product by other means: quantized_layers.SharedInputGroup)."""
+        self.wqkv = fuse_weights((self.wq, self.wk, self.wv))
 
     def forward(self, x: torch.Tensor, place: int | RowPlaces, rotation: torch.Tensor) -> torch.Tensor:
         """x [b, s, dim] at one start position for rows 0..b-1 of the cache, or each row at its own place."""
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
-        q, k = self.rotate(q, rotation), self.rotate(k, rotation)
+        h, kv_h, d = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is not None and not torch.is_grad_enabled():  # the views' gradients would not reach wq...
+            qkv = linear(x, self.wqkv).view(b, s, h + 2 * kv_h, d)
+            qk = self.rotate(qkv[:, :, :h + kv_h], rotation)  # q's and k's heads in one rotation
+            q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv_h:]
+        else:
+            q = self.rotate(self.wq(x).view(b, s, h, d), rotation)
+            k = self.rotate(self.wk(x).view(b, s, kv_h, d), rotation)
+            v = self.wv(x).view(b, s, kv_h, d)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv_h, s, d]
         if isinstance(place, int):
             keys, values = self.cache.update(k, v, place)  # [b, kv_h, t, d]
@@ -367,8 +405,16 @@ class FeedForward(nn.Module):
         self.w1 = Linear(dim, hidden_dim, bias=False)
         self.w2 = Linear(hidden_dim, dim, bias=False)
         self.w3 = Linear(dim, hidden_dim, bias=False)
+        self.w13: torch.Tensor | None = None  # w1's and w3's rows as one weight: see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """Compute the gate and up projections with one matmul where w1 and w3 are plain Linear layers."""
+        self.w13 = fuse_weights((self.w1, self.w3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None and not torch.is_grad_enabled():
+            gate, up = linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate).mul_(up))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -424,6 +470,13 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         """Where the caches (and so the activations) live; set by setup_caches."""
         return self.rope.device
+
+    def fuse_projections(self) -> None:
+        """One matmul for each block's q/k/v and one for its gate/up projections, wherever the layers
+        allow it (see Attention.fuse_projections); call once the weights are loaded."""
+        for layer in self.layers:
+            layer.attention.fuse_projections()
+            layer.feed_forward.fuse_projections()
 
     def cache_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for layer in self.layers for b in layer.attention.cache.buffers())
