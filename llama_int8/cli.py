@@ -185,9 +185,11 @@ def device_name(text: str) -> str:
 
 # --- The shared flags -------------------------------------------------------------------------------
 
-def add_switch(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, help: str) -> None:
-    """An on/off flag: `--flag` turns it on; `--flag false` and `--flag=true` are accepted too."""
-    parser.add_argument(flag, nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL", help=help)
+def add_switch(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, help: str,
+               default: bool | None = False) -> None:
+    """An on/off flag: `--flag` turns it on; `--flag false` and `--flag=true` are accepted too;
+    default None leaves the choice to the code that reads it."""
+    parser.add_argument(flag, nargs="?", const=True, default=default, type=parse_bool, metavar="BOOL", help=help)
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser, ckpt_required: bool = False) -> None:
@@ -207,7 +209,8 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser, ckpt_required: bool = 
                             "(default: 6.0, or a pre-baked folder's own)")
     group.add_argument("--blocksize", type=positive_int, metavar="N",
                        help="4-bit weights per scale: 32, 64, ... 4096 (default: 64; 32 for nf4-dq and fp4-dq)")
-    add_switch(group, "--quantize_head", "quantize an untied output head too (default: off)")
+    add_switch(group, "--quantize_head", "quantize the output head too, int8, a tied one as one table with the "
+               "embedding (default: on when loading in a quantized mode, off when writing a folder)", default=None)
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:

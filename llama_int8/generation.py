@@ -13,7 +13,8 @@ import torch
 
 from .chat import ChatPrediction, Dialog, encode_dialog
 from .formats import Checkpoint, open_checkpoint
-from .loader import check_memory_fits, choose_attention_backend, default_device, default_dtype, load_weights
+from .loader import (check_memory_fits, choose_attention_backend, default_device, default_dtype, load_weights,
+                     release_page_cache)
 from .memory import describe_memory
 from .model import Transformer, empty_model
 from .params import (check_dialogs, check_integer, check_max_gen_len, check_one_dialog, check_prompt_tokens,
@@ -39,7 +40,7 @@ class Llama:
               max_seq_len: int = 512, max_batch_size: int = 1, quant: str = "int8",
               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
               attention: str | None = None, int8_threshold: float | None = None, blocksize: int | None = None,
-              quantize_head: bool = False, delta: str | Path | list[str | Path] | None = None,
+              quantize_head: bool | None = None, delta: str | Path | list[str | Path] | None = None,
               sliding_window: int | None = None, prefill_chunk: int | None = None, verify: bool = True) -> Llama:
         """Load a checkpoint (Meta, Hugging Face, GGUF or pre-baked) and its tokenizer, ready to generate.
 
@@ -48,8 +49,10 @@ class Llama:
         folders added to the weights (base + delta). See formats/stack.py; the tokenizer is the base's.
 
         quant: int8 (LLM.int8()), nf4, nf4-dq, fp4, fp4-dq or none; the linear layers of the blocks
-        are quantized on the host as they are read (the head too with quantize_head), and only their
-        quantized bytes reach the device. A pre-baked folder (quantize_offline.py) loads in the mode
+        are quantized on the host as they are read, and only their quantized bytes reach the device.
+        quantize_head: quantize the output head too, int8 in every mode, a head tied to the embedding
+        as one table the embedding reads its rows from; None (the default) does so in the quantized
+        modes, False keeps the head and embedding 16-bit as the checkpoint has them. A pre-baked folder (quantize_offline.py) loads in the mode
         it was baked in. int8_threshold: LLM.int8()'s outlier threshold (default 6.0, or the baked one);
         blocksize: 4-bit weights per scale (default 64, 32 for the -dq modes).
         max_seq_len x max_batch_size sizes the KV cache, allocated once here. attention picks the
@@ -64,7 +67,8 @@ class Llama:
         device's free memory.
         """
         start = time.perf_counter()
-        cfg = parse_quant_mode(quant, 6.0 if int8_threshold is None else int8_threshold, blocksize, quantize_head)
+        cfg = parse_quant_mode(quant, 6.0 if int8_threshold is None else int8_threshold, blocksize,
+                               True if quantize_head is None else quantize_head)
         check_integer("max_batch_size", max_batch_size, 1)
         check_integer("max_seq_len", max_seq_len, 2)
         if sliding_window is not None:
@@ -80,11 +84,14 @@ class Llama:
         cfg = quantization_to_load(checkpoint, cfg, quant, int8_threshold)
         check_memory_fits(model, cfg, device, dtype, max_batch_size, max_seq_len)
         load_weights(model, checkpoint, cfg, device, dtype)
+        source, sources = f"{checkpoint.format} checkpoint {checkpoint.location}", checkpoint.paths()
+        del checkpoint  # closes its memory maps, so that the kernel may drop the pages they held
+        release_page_cache(sources)
+        model.fuse_projections()
         model.setup_caches(max_batch_size, max_seq_len, dtype, device, prefill_chunk)
         model.eval()
-        log.info("Loaded %s checkpoint %s in %.1f s (%s, %s, %s, %s attention): %s", checkpoint.format,
-                 checkpoint.location, time.perf_counter() - start, cfg.name, device, str(dtype).removeprefix("torch."),
-                 backend, describe_memory(model, device))
+        log.info("Loaded %s in %.1f s (%s, %s, %s, %s attention): %s", source, time.perf_counter() - start,
+                 cfg.name, device, str(dtype).removeprefix("torch."), backend, describe_memory(model, device))
         return Llama(model, tokenizer)
 
     @torch.inference_mode()
@@ -253,8 +260,6 @@ def quantization_to_load(checkpoint: Checkpoint, requested: QuantConfig, quant: 
     (with int8_threshold, when given, replacing the stored threshold)."""
     stored = checkpoint.quant
     if stored is None:
-        if requested.quantize_head and checkpoint.args.tie_word_embeddings:
-            log.warning("%s ties the head to the embedding: the head is kept 16-bit", checkpoint.location)
         return requested
     if stored.name != requested.name:
         log.warning("%s was quantized offline to %s: loading it as it is (quant=%r ignored)",

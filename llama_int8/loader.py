@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from .formats.common import check_finite, checked_tensors
 from .memory import GiB, MiB, return_freed_host_memory
 from .model import ModelArgs, Transformer, kv_cache_bytes
 from .quantize import NonFiniteWeightError, QuantConfig, quantized_layer_names, quantized_weight_bytes
-from .quantized_layers import LinearHook, make_linear_hook, quantized_linear, share_input
+from .quantized_layers import LinearHook, QuantizedEmbedding, make_linear_hook, quantized_linear, share_input
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +89,17 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 def expected_weight_bytes(model: Transformer, cfg: QuantConfig, dtype: torch.dtype) -> int:
     """Bytes the weights of a meta-device model will take once loaded: quantized layers as cfg
-    stores them, every other parameter in dtype (a tied head counted once)."""
+    stores them, every other parameter in dtype (a tied head counted once, as the quantized head or
+    as the embedding)."""
     quantized = set(quantized_layer_names(model.args.n_layers, cfg.quantize_head)) if cfg.enabled else set()
+    shared = "tok_embeddings.weight" if "output" in quantized else "output.weight"  # a tied head's other name
     total = 0
     for name, p in model.named_parameters():
         module = name.removesuffix(".weight")
-        if name == "output.weight" and model.args.tie_word_embeddings:
+        if name == shared and model.args.tie_word_embeddings:
             continue
         if module in quantized:
-            total += quantized_weight_bytes(p.shape[0], p.shape[1], cfg)
+            total += quantized_weight_bytes(p.shape[0], p.shape[1], cfg.layer_config(module))
         else:
             total += p.numel() * dtype.itemsize
     return total
@@ -124,15 +127,25 @@ def load_quantized_layers(model: Transformer, checkpoint: Checkpoint, cfg: Quant
     groups = {}  # see quantized_layers.share_input
     for layer in tqdm(checkpoint.quantized_layers(), desc="Loading quantized layers", unit="layer", leave=False):
         linear = model.get_submodule(layer.name)
-        quantized = quantized_linear(layer.tensors, linear.in_features, linear.out_features, cfg, device, dtype)
+        quantized = quantized_linear(layer.tensors, linear.in_features, linear.out_features,
+                                     cfg.layer_config(layer.name), device, dtype)
         share_input(layer.name, quantized, groups)
-        set_submodule(model, layer.name, quantized)
+        if layer.name == "output" and model.args.tie_word_embeddings:
+            tie_quantized_head(model, quantized, dtype)
+        else:
+            set_submodule(model, layer.name, quantized)
         del layer
         return_freed_host_memory()
 
 
 def is_block_linear(name: str) -> bool:
     return name.startswith("layers.") and (".attention.w" in name or ".feed_forward.w" in name)
+
+
+def tie_quantized_head(model: Transformer, head: nn.Module, dtype: torch.dtype) -> None:
+    """Make the quantized head the model's output and the table its embedding looks rows up in."""
+    model.output = head
+    model.tok_embeddings = QuantizedEmbedding(head, dtype)
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -154,16 +167,19 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
     tied = frozenset({"output.weight"}) if model.args.tie_word_embeddings else frozenset()
     for name in tied:
         expected.pop(name, None)
+    head_weights = {"tok_embeddings.weight"} if tied else {"output.weight"}  # what a quantized head is made from
     for item in checked_tensors(tensors, expected, ignored=tied, total=total):
         module_path, _, attr = item.name.rpartition(".")
         module = model.get_submodule(module_path)
         replacement = None
-        if linear_hook is not None and (is_block_linear(item.name) or item.name == "output.weight"):
+        if linear_hook is not None and (is_block_linear(item.name) or item.name in head_weights):
             try:
                 replacement = linear_hook(item.name, module, item.tensor)
             except NonFiniteWeightError as e:  # the quantizer saw it in its scales
                 raise CheckpointError(f"{item.source}: tensor {item.name!r} {e}") from e
-        if replacement is not None:
+        if replacement is not None and item.name == "tok_embeddings.weight":
+            tie_quantized_head(model, replacement, dtype)
+        elif replacement is not None:
             set_submodule(model, module_path, replacement)
         else:
             value = item.tensor.to(device=device, dtype=dtype)
@@ -171,8 +187,29 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         del item  # drop the last reference to the source tensor before reading the next one
         return_freed_host_memory()
-    if model.args.tie_word_embeddings:
+    if model.args.tie_word_embeddings and not isinstance(model.tok_embeddings, QuantizedEmbedding):
         model.output.weight = model.tok_embeddings.weight
+
+
+def release_page_cache(paths: Iterable[Path]) -> None:
+    """Tell the kernel the checkpoint's files will not be read again (posix_fadvise DONTNEED), so the
+    page cache their reading filled is let go at once instead of when memory runs short: a container's
+    memory limit counts those pages, and a 1.1B float32 source fills 4.4 GB of them. Pages still mapped
+    by this process are kept by the kernel: call it once the checkpoint's memory maps are closed.
+    Nowhere but where the C library offers posix_fadvise (Linux and most Unixes)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
+        for file in files:
+            try:
+                fd = os.open(file, os.O_RDONLY)
+            except OSError:
+                continue  # unreadable now: nothing of it to release
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def count_expected_tensors(args: ModelArgs) -> int:

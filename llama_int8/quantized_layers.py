@@ -115,11 +115,11 @@ def move_refused(layer: nn.Module, here: torch.device, there: torch.device | Non
 
 
 class DeviceBoundLinear8bitLt(StaysOnItsDevice, bnb.nn.Linear8bitLt):
-    """LLM.int8() (`Linear8bitLt`) on the device it was built on; on a CPU with a fast `_int_mm`,
-    eval-mode forwards take int8_forward_cpu."""
+    """LLM.int8() (`Linear8bitLt`) on the device it was built on; on the CPU, eval-mode forwards
+    take int8_forward_cpu."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if INT_MM_IS_FAST_ON_CPU and takes_fast_path(self, x):
+        if takes_fast_path(self, x):
             return int8_forward_cpu(self, x)
         return super().forward(x)
 
@@ -142,6 +142,13 @@ class DeviceBoundLinear4bit(StaysOnItsDevice, bnb.nn.Linear4bit):
 
 # As in bitsandbytes' CPU backend: torch._int_mm is fast with AVX-512 (VNNI), a scalar loop without.
 INT_MM_IS_FAST_ON_CPU = torch.backends.cpu.get_cpu_capability() == "AVX512"
+# Without AVX-512 bitsandbytes multiplies in float32 (its default backend), which first converts the
+# whole int8 weight to float32: cheap for a weight whose float copy stays in the caches, four times
+# the weight's bytes through memory for one that does not. There _int_mm's scalar loop, which reads
+# the int8 bytes once, is faster for a few rows: measured on one AVX2 core with one row, float32 won
+# up to 2560 x 2048 (5 M weights) and _int_mm was 4x faster from 11264 x 2048 (23 M) up.
+INT_MM_MIN_WEIGHTS_WITHOUT_AVX512 = 1 << 23
+INT_MM_MAX_ROWS_WITHOUT_AVX512 = 4  # its time grows with the rows, the float32 product's barely
 # bitsandbytes' own constants (the first is not quite 1 / 127**2): the same rounding, the same outputs.
 INT8_PRODUCT_SCALE = 6.200124e-05
 INT8_WEIGHT_SCALE = 7.874015718698502e-3
@@ -244,13 +251,24 @@ def int8_product(a: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold
     outlier columns >= threshold in a's dtype against their dequantized weight columns): [rows, out]."""
     q = quantize_activation(a, threshold)
     # (int32 products * (row scale * column scale)) * constant, bitsandbytes' order; in place after the first.
-    out = torch._int_mm(q.ca, cb.t()).mul(q.row_stats * scb).mul_(INT8_PRODUCT_SCALE)  # [rows, out] float32
+    out = int32_product(q.ca, cb).mul(q.row_stats * scb).mul_(INT8_PRODUCT_SCALE)  # [rows, out] float32
     if out.dtype != a.dtype:
         out = out.to(a.dtype)
     if q.cols is not None:
         outlier_weights = (cb[:, q.cols] * scb.unsqueeze(1) * INT8_WEIGHT_SCALE).to(a.dtype)  # [out, n_cols]
         out = out.addmm(a[:, q.cols], outlier_weights.t())
     return out
+
+
+def int32_product(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """ca [rows, in] int8 times cb [out, in] int8 transposed, in int32: [rows, out]. Either route gives
+    bitsandbytes' numbers: _int_mm's are exact, and bitsandbytes' own float32 product is exact too
+    while its partial sums stay below 2**24 (127 * 127 * in at most: always for in <= 1040, and for
+    wider layers unless a row's products nearly all share one sign and their largest size)."""
+    if INT_MM_IS_FAST_ON_CPU or (ca.shape[0] <= INT_MM_MAX_ROWS_WITHOUT_AVX512
+                                 and cb.numel() >= INT_MM_MIN_WEIGHTS_WITHOUT_AVX512):
+        return torch._int_mm(ca, cb.t())
+    return torch.matmul(ca.float(), cb.float().t()).to(torch.int32)  # what bitsandbytes does here
 
 
 def int8_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -293,21 +311,45 @@ def quantize_linear_on_host(weight: torch.Tensor, cfg: QuantConfig, device: torc
 
 
 def make_linear_hook(cfg: QuantConfig, device: torch.device | str, dtype: torch.dtype) -> LinearHook | None:
-    """A loader hook that quantizes each linear weight of the blocks (and the head when asked),
-    or None when nothing is quantized."""
+    """A loader hook that quantizes each linear weight of the blocks, and with cfg.quantize_head the
+    head (an untied `output.weight`, or the `tok_embeddings.weight` a tied head is), in the head's
+    mode; None when nothing is quantized."""
     if not cfg.enabled:
         return None
 
     groups: dict[str, SharedInputGroup] = {}
 
-    def hook(name: str, module: nn.Linear, weight: torch.Tensor) -> nn.Module | None:
-        if name == "output.weight" and not cfg.quantize_head:
-            return None
+    def hook(name: str, module: nn.Module, weight: torch.Tensor) -> nn.Module | None:
+        if name in HEAD_WEIGHTS:
+            return quantize_linear_on_host(weight, cfg.head_config(), device, dtype) if cfg.quantize_head else None
         layer = quantize_linear_on_host(weight, cfg, device, dtype)
         share_input(name, layer, groups)
         return layer
 
     return hook
+
+
+# The weights a quantized head is made from: its own, or the embedding's when the two are tied.
+HEAD_WEIGHTS = ("output.weight", "tok_embeddings.weight")
+
+
+class QuantizedEmbedding(nn.Module):
+    """The embedding of a model whose tied head is an int8 layer: the rows of that layer's table,
+    looked up and dequantized (row * its scale / 127, as bitsandbytes dequantizes them) only for the
+    tokens asked for. It holds the head's tensors without registering them, so the one table is
+    counted, saved and moved once, as the head's."""
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        if not isinstance(head, bnb.nn.Linear8bitLt):
+            raise TypeError(f"a tied quantized head must be an int8 layer, got {type(head).__name__}")
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.rows, self.scales = head.weight.data, head.weight.SCB  # [vocab, dim] int8, [vocab] float32
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(ids, self.rows).float()  # [..., dim]
+        return rows.mul_(self.scales[ids].mul(INT8_WEIGHT_SCALE).unsqueeze(-1)).to(self.dtype)
 
 
 # Layers of a block that the model calls on the same input tensor, one after another.
@@ -319,7 +361,7 @@ def share_input(name: str, layer: nn.Module, groups: dict[str, SharedInputGroup]
     SharedInputGroup, made on the group's first layer and kept in groups (one dict per model); other
     layers are left as they are."""
     group = shared_input_group(name)
-    lean = isinstance(layer, DeviceBoundLinear8bitLt) and layer.weight.device.type == "cpu" and INT_MM_IS_FAST_ON_CPU
+    lean = isinstance(layer, DeviceBoundLinear8bitLt) and layer.weight.device.type == "cpu"
     if group is not None and lean:
         key, size = group
         groups.setdefault(key, SharedInputGroup(size)).join(layer)

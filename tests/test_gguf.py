@@ -49,7 +49,9 @@ def gguf_float32(smollm2_gguf) -> Llama:
 
 @pytest.fixture(scope="module")
 def gguf_int8(smollm2_gguf) -> Llama:
-    return Llama.build(smollm2_gguf, quant="int8", device="cpu", dtype="float32", max_seq_len=128, max_batch_size=3)
+    """int8 blocks, the head float32 as in gguf_float32 (and in a folder pre-baked without --quantize_head)."""
+    return Llama.build(smollm2_gguf, quant="int8", device="cpu", dtype="float32", max_seq_len=128, max_batch_size=3,
+                       quantize_head=False)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -115,16 +115,17 @@ class PrebakedCheckpoint(Checkpoint):
 
     def quantized_layers(self) -> Iterator[QuantizedLayer]:
         m = self.manifest
-        shapes = parameter_shapes(m.args)
+        shapes = layer_shapes(m.args)
         by_layer = tensors_by_layer(m)
         with self.open_shards() as read:
             for layer in m.quantized_layers():
                 shard = m.folder / m.tensors[f"{layer}.weight"].shard
                 tensors = {name.removeprefix(f"{layer}."): read(name).tensor for name in by_layer[layer]}
-                if m.quant.is_4bit:
+                cfg = m.quant.layer_config(layer)
+                if cfg.is_4bit:
                     # The packed state is JSON the manifest can only list, not describe: check it here,
                     # where a mismatch would otherwise dequantize to wrong weights without an error.
-                    problem = check_packed_quant_state(tensors, *shapes[f"{layer}.weight"], m.quant)
+                    problem = check_packed_quant_state(tensors, *shapes[f"{layer}.weight"], cfg)
                     if problem:
                         raise CheckpointError(f"{shard}: layer {layer}: {problem}")
                 yield QuantizedLayer(layer, tensors, str(shard))
@@ -204,9 +205,6 @@ def write_prebaked(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig
         raise ValueError(f"{checkpoint.location} is already pre-baked or quantized ({checkpoint.quant.name})")
     if not cfg.enabled:
         raise ValueError("quant 'none' leaves nothing to pre-bake; choose int8, nf4, nf4-dq, fp4 or fp4-dq")
-    if cfg.quantize_head and checkpoint.args.tie_word_embeddings:
-        log.warning("%s ties the head to the embedding: the head is kept 16-bit", checkpoint.location)
-        cfg = replace(cfg, quantize_head=False)
     from_gguf = checkpoint.format == "gguf" and tokenizer_path is None  # the tokenizer is inside the file
     tokenizer = checkpoint.location if from_gguf else find_tokenizer_file(checkpoint.folder, tokenizer_path)
     start = time.perf_counter()
@@ -235,14 +233,16 @@ def write_quantized_shards(checkpoint: Checkpoint, cfg: QuantConfig, folder: Pat
     """Stream the checkpoint through the loader's checks, quantizing the layers cfg names; a weight
     holding NaN or infinite values is refused by name (the quantizer's scales show it, the other
     tensors are summed)."""
-    quantized = {f"{path}.weight" for path in quantized_layer_names(checkpoint.args.n_layers, cfg.quantize_head)}
+    layers = {f"{path}.weight": path for path in quantized_layer_names(checkpoint.args.n_layers, cfg.quantize_head)}
     writer = ShardWriter(folder, shard_bytes)
     tied = frozenset({"output.weight"}) if checkpoint.args.tie_word_embeddings else frozenset()
+    if tied and cfg.quantize_head:  # one table: the embedding's weight is stored once, as the quantized head
+        layers["tok_embeddings.weight"] = layers.pop("output.weight")
     for item in checked_tensors(checkpoint.tensors(), parameter_shapes(checkpoint.args), ignored=tied):
-        if item.name in quantized:
-            module_path = item.name.removesuffix(".weight")
+        if item.name in layers:
+            module_path = layers[item.name]
             try:
-                tensors = quantize_weight(item.tensor, cfg)
+                tensors = quantize_weight(item.tensor, cfg.layer_config(module_path))
             except NonFiniteWeightError as e:
                 raise CheckpointError(f"{item.source}: tensor {item.name!r} {e}") from e
             for key, value in tensors.items():
@@ -337,11 +337,11 @@ def verify_shard_checksums(manifest: Manifest, path: Path) -> None:
 def check_manifest_against_config(manifest: Manifest, path: Path) -> None:
     """Every quantized layer the config implies is listed with the tensors and shapes its mode makes,
     and every other tensor is a parameter of the model with the configuration's shape."""
-    shapes = parameter_shapes(manifest.args)
+    shapes = layer_shapes(manifest.args)
     by_layer = tensors_by_layer(manifest)
     for layer in manifest.quantized_layers():
         out_features, in_features = shapes[f"{layer}.weight"]
-        want = expected_quantized_tensors(out_features, in_features, manifest.quant)
+        want = expected_quantized_tensors(out_features, in_features, manifest.quant.layer_config(layer))
         listed = {k.removeprefix(f"{layer}."): manifest.tensors[k] for k in by_layer.get(layer, [])}
         if set(listed) != set(want):
             raise CheckpointError(f"{path}: {layer} should have tensors {sorted(want)} for {manifest.quant.name}, "
@@ -360,6 +360,11 @@ def check_manifest_against_config(manifest: Manifest, path: Path) -> None:
         if entry.shape != shapes[name]:
             raise CheckpointError(f"{path}: {name!r} has shape {list(entry.shape)}, expected "
                                   f"{list(shapes[name])} from the model configuration")
+
+
+def layer_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The model's parameter shapes, a tied head's included: a quantized tied head is stored as the head."""
+    return {**parameter_shapes(args), "output.weight": (args.vocab_size, args.dim)}
 
 
 def tensors_by_layer(manifest: Manifest) -> dict[str | None, list[str]]:
