@@ -77,9 +77,13 @@ def transformers_weight_bytes(model) -> int:
 
 def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: str | tuple = DEFAULT_TEXTS,
          window: int = 1024, device: str | None = None, dtype: str | None = None, int8_threshold: float = 6.0,
-         compare: str | None = None, json: bool = False) -> None:
+         quantize_head: str | bool | None = None, compare: str | None = None, json: bool = False) -> None:
     """Perplexity of the texts in text_file (comma-separated) for each mode in quant (comma-separated);
-    --compare transformers adds HF + bitsandbytes (with the same int8_threshold)."""
+    --compare transformers adds HF + bitsandbytes (with the same int8_threshold).
+
+    quantize_head: Llama.build's (None: quantized in the quantized modes); "both" scores each
+    quantized mode twice, with a 16-bit and with a quantized head, to show what the head costs.
+    """
     setup_logging()
     if compare not in (None, "transformers"):
         raise ValueError(f"compare: {compare!r} is not 'transformers'")
@@ -96,33 +100,51 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
         raise FileNotFoundError(f"text_file: no such file: {', '.join(missing)}")
     rows = []
     texts: dict[str, list[int]] = {}
-    for mode in tqdm(modes, desc="Modes", unit="mode"):
+    runs = [(mode, head) for mode in modes for head in head_choices(quantize_head, mode)]
+    for mode, head in tqdm(runs, desc="Modes", unit="mode"):
         llm = Llama.build(source, max_seq_len=window, quant=mode, device=device, dtype=dtype,
-                          int8_threshold=int8_threshold)
+                          int8_threshold=int8_threshold, quantize_head=head)
         if not texts:  # every mode shares the checkpoint's tokenizer: encode once
             texts = {p.name: llm.tokenizer.encode(p.read_text(), bos=True, eos=False) for p in paths}
-        model_dtype = llm.model.tok_embeddings.weight.dtype
+        model_dtype = llm.model.norm.weight.dtype  # the activations' (a quantized embedding has int8 rows)
         dev = llm.model.device
-        rows.append({"engine": "llama_int8", "quant": mode, **score(ours_logits(llm), texts, window),
-                     "weights MiB": weight_bytes(llm.model) / 2**20})
+        rows.append({"engine": "llama_int8", "quant": mode, "head": head_name(llm),
+                     **score(ours_logits(llm), texts, window), "weights MiB": weight_bytes(llm.model) / 2**20})
         del llm
         gc.collect()
-        if compare == "transformers":
+        if compare == "transformers" and head is not True:
             from benchmarks.reference import load_transformers, transformers_folder
 
             hf = load_transformers(transformers_folder(source), mode, dev, model_dtype, int8_threshold)
-            rows.append({"engine": "transformers+bnb", "quant": mode, **score(transformers_logits(hf), texts, window),
+            rows.append({"engine": "transformers+bnb", "quant": mode, "head": str(model_dtype).removeprefix("torch."), **score(transformers_logits(hf), texts, window),
                          "weights MiB": transformers_weight_bytes(hf) / 2**20})
             del hf
             gc.collect()
     for r in rows:  # each engine against its own float baseline, when it ran one
         baseline = next((b["all"] for b in rows if b["quant"] == "none" and b["engine"] == r["engine"]), None)
         r["all vs none"] = None if baseline is None else f"{r['all'] / baseline - 1:+.2%}"
+        float_head = next((b["all"] for b in rows if b["quant"] == r["quant"] and b["engine"] == r["engine"]
+                           and b["head"] != "quantized"), None)
+        r["head's cost"] = (f"{r['all'] / float_head - 1:+.2%}" if r["head"] == "quantized" and float_head
+                            else None)
     sizes = ", ".join(f"{name} {len(tokens)}" for name, tokens in texts.items())
     report(f"Perplexity: {Path(source).name}, tokens: {sizes} (window {window})", rows, json,
            {"texts": {name: len(tokens) for name, tokens in texts.items()}})
     if len(modes) == 1 and not json:
         print(f"perplexity: {rows[0]['all']:.4f}")
+
+
+def head_choices(quantize_head: str | bool | None, mode: str) -> list[bool | None]:
+    """The quantize_head values to score mode with."""
+    if quantize_head != "both":
+        return [quantize_head]
+    return [False] if mode == "none" else [False, True]
+
+
+def head_name(llm: Llama) -> str:
+    """The output head's dtype: the model's float one, or "quantized"."""
+    weight = llm.model.output.weight
+    return str(weight.dtype).removeprefix("torch.") if weight.is_floating_point() else "quantized"
 
 
 def comma_list(value: str | tuple) -> list[str]:

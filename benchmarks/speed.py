@@ -1,7 +1,14 @@
-"""Prefill and decode speed, ours against transformers + bitsandbytes on the same weights.
+"""Prefill and decode speed, ours against transformers + bitsandbytes or llama.cpp on the same weights.
 
     python -m benchmarks.speed --quant int8 --compare transformers
     python -m benchmarks.speed --ckpt_dir 7B --quant nf4 --batch 1,8 --new_tokens 64 --json
+    python -m benchmarks.speed --quant int8 --batch 1 --runs 3 --compare llama.cpp \
+        --llama_cpp_python /path/to/llama-cpp-venv/bin/python
+
+--compare llama.cpp runs llama.cpp (llama-cpp-python, in a child process started with
+--llama_cpp_python, or with this Python when it has llama_cpp) on the same weights at the same
+precision, F32 / Q8_0 / Q4_0 for none / int8 / the 4-bit modes, made by llama.cpp's own quantizer
+(see benchmarks/versus_llama_cpp.py); at batch 1 only, its single-sequence case.
 
 Both engines generate greedily from the same random prompts. Prefill is the time to the first token
 (prompt forward plus the generator's setup); decode tokens/s counts the new_tokens - 1 tokens after
@@ -11,6 +18,8 @@ with other work slows both alike and the ratio stays meaningful when the absolut
 
 Achieved bandwidth is the weight bytes a decode step reads (every block linear, the norms and the
 output head; the embedding is a row lookup) times steps per second, set against one large copy.
+Ops per token are the operators torch's profiler sees called from Python in one decode step of ours
+(nested calls not counted): at batch 1 on small models a step costs about its number of kernels.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import report, synchronize
+from benchmarks.versus_llama_cpp import LLAMA_CPP_TYPES, llama_cpp_generate, load_llama_cpp
 from benchmarks.reference import load_transformers, transformers_folder
 from llama_int8 import Llama
 from llama_int8.formats import CheckpointError
@@ -49,11 +59,12 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 29) -> float:
 
 
 def decode_read_bytes(llm: Llama) -> int:
-    """Bytes of weights one decode step reads: all of them but the embedding table (a row lookup)."""
+    """Bytes of weights one decode step reads: all of them but an embedding table of its own (a row
+    lookup); a table the head shares is read whole by the head."""
     model = llm.model
-    embedding = model.tok_embeddings.weight
-    tied = model.output.weight is embedding
-    return weight_bytes(model) - (0 if tied else embedding.numel() * embedding.element_size())
+    embedding = getattr(model.tok_embeddings, "weight", None)  # None: the quantized head's table
+    own_table = embedding is not None and getattr(model.output, "weight", None) is not embedding
+    return weight_bytes(model) - (embedding.numel() * embedding.element_size() if own_table else 0)
 
 
 def prompt_batch(vocab_size: int, batch: int, length: int) -> list[list[int]]:
@@ -67,6 +78,18 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def ops_per_token(llm: Llama, prompt: list[int], steps: int = 4) -> float:
+    """Operators called from Python per decode step of one sequence (the profiler's top-level events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = llm.iter_generate([prompt], max_gen_len=steps + 1, temperature=0, stop_ids=())
+    next(tokens)  # the prefill, not counted
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in tokens:
+            pass
+    return sum(1 for event in prof.events() if event.cpu_parent is None) / steps
 
 
 def ours_generate(llm: Llama, prompts: list[list[int]]) -> Generate:
@@ -106,63 +129,79 @@ def measure(engines: dict[str, Generate], device: torch.device, batch: int, prom
 
 
 def build_ours(source: Path, quant: str, max_seq_len: int, max_batch: int, device: str | None,
-               dtype: str | None) -> tuple[Llama, Path]:
+               dtype: str | None, quantize_head: bool | None) -> tuple[Llama, Path]:
     """Our engine on source; a GGUF our loader refuses is read from its HF export instead."""
+    settings = dict(max_seq_len=max_seq_len, max_batch_size=max_batch, quant=quant, device=device, dtype=dtype,
+                    quantize_head=quantize_head)
     try:
-        return Llama.build(source, max_seq_len=max_seq_len, max_batch_size=max_batch, quant=quant,
-                           device=device, dtype=dtype), source
+        return Llama.build(source, **settings), source
     except CheckpointError as e:
         if source.suffix != ".gguf":
             raise
         log.warning("%s; measuring its Hugging Face export instead", e)
         folder = transformers_folder(source)
-        return Llama.build(folder, max_seq_len=max_seq_len, max_batch_size=max_batch, quant=quant,
-                           device=device, dtype=dtype), folder
+        return Llama.build(folder, **settings), folder
 
 
 def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tuple = "1,8",
          prompt_tokens: int = 128, new_tokens: int = 64, runs: int = 5, device: str | None = None,
          dtype: str | None = None, threads: int | None = None, compare: str | None = None,
-         json: bool = False) -> None:
-    """Prefill and decode tokens/s for each batch size; --compare transformers adds HF + bitsandbytes.
+         llama_cpp_python: str | None = None, quantize_head: bool | None = None, json: bool = False) -> None:
+    """Prefill and decode tokens/s for each batch size; --compare transformers adds HF + bitsandbytes,
+    --compare llama.cpp adds llama.cpp (batch 1) run by llama_cpp_python.
 
-    threads: CPU threads for both engines (torch's default when None). On a machine shared with
+    threads: CPU threads for every engine (torch's default when None). On a machine shared with
     other busy processes, 1 thread avoids threads waiting on each other at every small kernel.
+    quantize_head: Llama.build's (None: quantized in the quantized modes).
     """
     setup_logging()
-    if compare not in (None, "transformers"):
-        raise ValueError(f"compare: {compare!r} is not 'transformers'")
+    if compare not in (None, "transformers", "llama.cpp"):
+        raise ValueError(f"compare: {compare!r} is not 'transformers' or 'llama.cpp'")
     if new_tokens < 2 or runs < 1:
         raise ValueError(f"new_tokens ({new_tokens}) must be >= 2 and runs ({runs}) >= 1")
     if threads is not None:
         torch.set_num_threads(threads)
     sizes = [int(b) for b in (str(batch).split(",") if isinstance(batch, (str, int)) else batch)]
     source = Path(ckpt_dir) if ckpt_dir else demo_gguf_path()
-    llm, source = build_ours(source, quant, prompt_tokens + new_tokens + 1, max(sizes), device, dtype)
+    max_seq_len = prompt_tokens + new_tokens + 1
+    llm, ours_source = build_ours(source, quant, max_seq_len, max(sizes), device, dtype, quantize_head)
     dev = llm.model.device
-    model_dtype = llm.model.tok_embeddings.weight.dtype
-    hf = load_transformers(transformers_folder(source), quant, dev, model_dtype) if compare else None
+    model_dtype = llm.model.norm.weight.dtype  # the activations' (a quantized embedding has int8 rows)
+    hf = (load_transformers(transformers_folder(ours_source), quant, dev, model_dtype)
+          if compare == "transformers" else None)
+    llama_cpp, gguf_path = (load_llama_cpp(source, quant, llama_cpp_python, max_seq_len)
+                            if compare == "llama.cpp" else (None, None))
     bandwidth = copy_bandwidth_gbps(dev)
     read_bytes = decode_read_bytes(llm)
+    ops = ops_per_token(llm, prompt_batch(llm.model.args.vocab_size, 1, prompt_tokens)[0])
     rows = []
     for b in tqdm(sizes, desc="Batch sizes", unit="batch"):
         prompts = prompt_batch(llm.model.args.vocab_size, b, prompt_tokens)
         engines = {"llama_int8": ours_generate(llm, prompts)}
         if hf is not None:
             engines["transformers+bnb" if quant != "none" else "transformers"] = transformers_generate(hf, prompts)
+        if llama_cpp is not None and b == 1:
+            engines[f"llama.cpp {LLAMA_CPP_TYPES[quant]}"] = llama_cpp_generate(llama_cpp, prompts[0])
         figures = measure(engines, dev, b, prompt_tokens, new_tokens, runs)
-        ours = figures["llama_int8"]["decode tok/s"]
+        ours = figures["llama_int8"]
         for name, fig in figures.items():
             achieved = read_bytes * fig["steps/s"] / 1e9
+            theirs = name != "llama_int8"
             rows.append({"engine": name, "quant": quant, "batch": b, "prefill tok/s": fig["prefill tok/s"],
-                         "decode tok/s": fig["decode tok/s"], "weights GB/s": achieved,
-                         "of bandwidth": f"{achieved / bandwidth:.0%}",
-                         "ours vs this": None if name == "llama_int8" else f"{ours / fig['decode tok/s']:.2f}x"})
+                         "decode tok/s": fig["decode tok/s"],
+                         "weights GB/s": None if theirs else achieved,
+                         "of bandwidth": None if theirs else f"{achieved / bandwidth:.0%}",
+                         "ops/token": None if theirs or b != 1 else round(ops),
+                         "ours vs this, decode": f"{ours['decode tok/s'] / fig['decode tok/s']:.2f}x" if theirs else None,
+                         "prefill": f"{ours['prefill tok/s'] / fig['prefill tok/s']:.2f}x" if theirs else None})
     del llm, hf
+    if llama_cpp is not None:
+        llama_cpp.close()
     gc.collect()
     report(f"Speed: {source.name}, {quant}, {str(model_dtype).removeprefix('torch.')}, {prompt_tokens}-token "
-           f"prompt, {new_tokens} greedy tokens, {torch.get_num_threads()} CPU thread(s)", rows, json,
-           {"copy_bandwidth_gbps": bandwidth, "decode_read_bytes": read_bytes})
+           f"prompt, {new_tokens} greedy tokens, {torch.get_num_threads()} CPU thread(s), median of {runs} runs",
+           rows, json, {"copy_bandwidth_gbps": bandwidth, "decode_read_bytes": read_bytes, "ops_per_token": ops,
+                        "llama_cpp_gguf": None if gguf_path is None else str(gguf_path)})
 
 
 if __name__ == "__main__":
