@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llama_int8.cli import (add_checkpoint_flags, add_runtime_flags, add_sampling_flags, add_switch, build_kwargs,
-                            make_parser, non_empty_text, run_cli, sampling_kwargs)
+from llama_int8.cli import add_checkpoint_flags, add_runtime_flags, add_sampling_flags, build_kwargs, sampling_kwargs
+from llama_int8.flags import add_switch, make_parser, non_empty_text, run_cli
 
 from llama_int8.chat import Dialog, fit_dialog
 

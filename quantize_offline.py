@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import argparse
 
-from llama_int8.cli import add_checkpoint_flags, add_switch, make_parser, positive_float, run_cli
+from llama_int8.cli import add_checkpoint_flags
+from llama_int8.flags import add_switch, make_parser, positive_float, run_cli
 
 # What --format and --dtype accept (repeated from the writers so that a typo is reported before torch loads).
 FORMATS = ("prebaked", "hf-bnb", "compressed-tensors", "hf")

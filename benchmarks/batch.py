@@ -31,7 +31,7 @@ from benchmarks.common import report
 from llama_int8 import Llama
 from llama_int8.batch_files import read_requests
 from llama_int8.batch_runner import BatchSettings, run_batch
-from llama_int8.cli import add_switch, make_parser, positive_int, run_cli
+from llama_int8.flags import add_switch, make_parser, positive_int, run_cli
 from llama_int8.demo import demo_gguf_path
 
 TEXTS = sorted((Path(__file__).parent / "data").glob("*.txt"))

@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.common import report
 from llama_int8 import Llama
-from llama_int8.cli import add_switch, device_name, make_parser, positive_int, run_cli
+from llama_int8.flags import add_switch, device_name, make_parser, positive_int, run_cli
 
 # Relative L2 difference of the logits allowed, by (mode, whether the device computes in float32).
 TOLERANCE = {("none", True): 1e-4, ("int8", True): 2e-2, ("nf4", True): 3e-2,

@@ -24,7 +24,7 @@ import shutil
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from llama_int8.cli import make_parser, positive_int, run_cli
+from llama_int8.flags import make_parser, positive_int, run_cli
 
 DEFAULT_FOLDER = Path(".cache/gpu_check")
 # What the GPU machine this was written for lacked (its Python holds torch, transformers and pytest),

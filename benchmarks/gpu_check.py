@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from llama_int8.cli import add_switch, make_parser, positive_float, run_cli
+from llama_int8.flags import add_switch, make_parser, positive_float, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CARRIED = Path(".cache/gpu_check")  # benchmarks.gpu_carry's folder

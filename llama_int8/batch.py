@@ -25,8 +25,8 @@ import logging
 from pathlib import Path
 
 from .batch_files import Done, check_unique_ids, read_done, read_requests
-from .cli import add_checkpoint_flags, add_runtime_flags, add_sampling_flags, add_switch, build_kwargs, existing_path, \
-    make_parser, non_empty_text, positive_int, run_cli, sampling_kwargs
+from .cli import add_checkpoint_flags, add_runtime_flags, add_sampling_flags, build_kwargs, sampling_kwargs
+from .flags import add_switch, existing_path, make_parser, non_empty_text, positive_int, run_cli
 
 log = logging.getLogger("llama_int8.batch")
 

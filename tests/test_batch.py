@@ -19,7 +19,7 @@ from conftest import CORPUS, tiny_hf_model, write_hf_folder
 from llama_int8 import Llama, batch
 from llama_int8.batch_files import read_requests
 from llama_int8.batch_runner import BatchSettings, run_batch
-from llama_int8.cli import run_cli
+from llama_int8.flags import run_cli
 from llama_int8.engine import Completion, Engine, Request
 from llama_int8.sampling import SamplingParams
 

@@ -1,4 +1,4 @@
-"""The command lines: the shared flags of llama_int8/cli.py, and example.py / quantize_offline.py run as a
+"""The command lines: the shared flags of llama_int8/cli.py and flags.py, and example.py / quantize_offline.py run as a
 user runs them. A bad flag must be refused before torch is imported, with one line and exit code 2; a
 user error found later is one line and exit code 1; --help is one line per flag on stdout."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_int8 import cli
+from llama_int8 import cli, flags
 
 from conftest import tiny_hf_model, write_meta_folder
 
@@ -24,11 +24,11 @@ SCRIPTS = ("example.py", "quantize_offline.py", "-m llama_int8.demo")
 
 
 def full_parser() -> argparse.ArgumentParser:
-    parser = cli.make_parser("test", "All the shared flags.")
+    parser = flags.make_parser("test", "All the shared flags.")
     cli.add_checkpoint_flags(parser)
     cli.add_runtime_flags(parser)
     cli.add_sampling_flags(parser)
-    cli.add_switch(parser, "--chat", "a switch")
+    flags.add_switch(parser, "--chat", "a switch")
     return parser
 
 
@@ -144,7 +144,7 @@ def test_bad_flags_are_one_line_and_exit_2(flags, expected, capsys):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where there is no GPU")
 def test_cuda_without_a_gpu_is_refused_before_loading(capsys):
     with pytest.raises(SystemExit) as e:
-        cli.parse_flags(full_parser(), ["--device", "cuda"])
+        flags.parse_flags(full_parser(), ["--device", "cuda"])
     assert e.value.code == 2
     assert "--device: cuda asked for, but torch" in capsys.readouterr().err
 
@@ -158,26 +158,26 @@ def raise_in_main(error: BaseException):
 @pytest.mark.parametrize("error", [ValueError("--max_seq_len 8 leaves no room"), FileExistsError("out exists"),
                                    PermissionError("read-only folder")])
 def test_user_errors_are_one_line_and_exit_1(error, capsys, monkeypatch):
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.delenv(flags.DEBUG_ENV, raising=False)
     with pytest.raises(SystemExit) as e:
-        cli.run_cli(cli.make_parser("test", "x"), raise_in_main(error), [])
+        flags.run_cli(flags.make_parser("test", "x"), raise_in_main(error), [])
     assert e.value.code == 1
     assert capsys.readouterr().err == f"test: error: {error}\n"
 
 
 def test_debug_shows_the_traceback(monkeypatch):
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.delenv(flags.DEBUG_ENV, raising=False)
     with pytest.raises(ValueError):
-        cli.run_cli(cli.make_parser("test", "x"), raise_in_main(ValueError("bad")), ["--debug"])
-    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+        flags.run_cli(flags.make_parser("test", "x"), raise_in_main(ValueError("bad")), ["--debug"])
+    monkeypatch.setenv(flags.DEBUG_ENV, "1")
     with pytest.raises(ValueError):
-        cli.run_cli(cli.make_parser("test", "x"), raise_in_main(ValueError("bad")), [])
+        flags.run_cli(flags.make_parser("test", "x"), raise_in_main(ValueError("bad")), [])
 
 
 def test_a_bug_is_not_hidden(monkeypatch):
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.delenv(flags.DEBUG_ENV, raising=False)
     with pytest.raises(TypeError):
-        cli.run_cli(cli.make_parser("test", "x"), raise_in_main(TypeError("a bug")), [])
+        flags.run_cli(flags.make_parser("test", "x"), raise_in_main(TypeError("a bug")), [])
 
 
 # --- The scripts, as a user runs them ------------------------------------------------------------------
