@@ -90,12 +90,12 @@ def compare(ours: Llama, reference: Llama, case: Case, prompt: list[int], new_to
         greedy_text += f" (then {'a tie' if tie else 'no tie'}: margin {margin:.3g})"
     relative = ((our_logits - ref_logits).norm() / ref_logits.norm()).item()
     finite = bool(torch.isfinite(our_logits).all())
-    computes_in_float32 = ours.model.tok_embeddings.weight.dtype == torch.float32
+    computes_in_float32 = ours.model.norm.weight.dtype == torch.float32
     tolerance = TOLERANCE[(case.mode, computes_in_float32)]
     exact_case = case.mode == "none" and computes_in_float32
     agrees = finite and relative <= tolerance and (not exact_case or same == len(want) or tie)
     argmax_agrees = (our_logits[generated].argmax(-1) == ref_logits[generated].argmax(-1)).float().mean().item()
-    return {"case": case.name, "dtype": str(ours.model.tok_embeddings.weight.dtype).removeprefix("torch."),
+    return {"case": case.name, "dtype": str(ours.model.norm.weight.dtype).removeprefix("torch."),
             "greedy tokens equal": greedy_text, "logits rel. diff": relative, "tolerance": tolerance,
             "argmax agrees": f"{argmax_agrees:.0%}", "finite": finite, "agrees": "yes" if agrees else "NO"}
 
