@@ -126,8 +126,9 @@ def build_random_model(args: ModelArgs, cfg: QuantConfig, device: torch.device):
 def build_checkpoint_model(ckpt_dir: str, mode: str, device: torch.device, max_seq_len: int, batch: int):
     from llama_int8 import Llama
 
+    # The computed figures keep the head 16-bit: measure what they describe, not the quantized default.
     return Llama.build(ckpt_dir, quant=mode, device=device, dtype=WEIGHT_DTYPE, max_seq_len=max_seq_len,
-                       max_batch_size=batch).model
+                       max_batch_size=batch, quantize_head=False).model
 
 
 @torch.inference_mode()
