@@ -29,6 +29,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,13 +106,15 @@ def server_process(command: list[str], url: str, ready_path: str, threads: int |
     """Run a server (with OMP_NUM_THREADS=threads when given) until ready_path answers 200 (ours:
     /health, once the model is loaded), yield its /v1 URL, then stop it."""
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # Its log goes to a file: a pipe nobody reads fills up and stops a chatty server (llama.cpp's) mid-load.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}: {log.read()[-2000:]}")
             try:
                 if httpx.get(f"{url}{ready_path}", timeout=5).status_code == 200:
                     break
@@ -127,6 +130,7 @@ def server_process(command: list[str], url: str, ready_path: str, threads: int |
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def ours_command(ckpt: Path, quant: str, max_batch_size: int, max_seq_len: int, port: int) -> list[str]:
