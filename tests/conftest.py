@@ -160,3 +160,13 @@ def smollm2_reference(smollm2_hf):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of many small ops: on a shared 2-core machine two OpenMP
+    threads spin at every one of them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,13 +36,7 @@ SHAPES = dict(hidden_size=64, intermediate_size=128, num_key_value_heads=2)
 INT8 = parse_quant_mode("int8")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads made small ops far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

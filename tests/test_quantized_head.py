@@ -24,13 +24,7 @@ TOKENS = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 64], [1, 8, 8, 120, 2, 33, 90, 1
 QUANTIZED_MODES = ("int8", "nf4", "nf4-dq")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin at every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(args: ModelArgs, mode: str, quantize_head: bool, dtype: torch.dtype = torch.float32):
