@@ -73,12 +73,21 @@ def build_4bit_linear(tensors: dict[str, torch.Tensor], in_features: int, out_fe
     layer.quant_state = layer.weight.quant_state  # what module= would have set (a state holds no layer)
     # The state records the source's dtype; it only sets the dtype weights are dequantized to.
     layer.weight.quant_state.dtype = dtype
+    if device.type == "cpu" and layer.support_avx512bf16_for_cpu and not repackable_for_cpu(layer, cfg):
+        # bitsandbytes would try, and fail halfway with the quant state already changed.
+        layer.support_avx512bf16_for_cpu = False
     if device.type == "cpu" and layer.support_avx512bf16_for_cpu:
         # The first CPU forward repacks the weight in place for the AVX512-BF16 kernel: do it now,
         # once, so the first token is not slowed and memory accounting sees the final layout.
         with torch.inference_mode():
             layer.eval()(torch.zeros(1, in_features, dtype=dtype))
     return layer
+
+
+def repackable_for_cpu(layer: nn.Module, cfg: QuantConfig) -> bool:
+    """Whether bitsandbytes' AVX512-BF16 layout takes this weight: output rows in blocks of 32, and
+    every row a whole number of quantization blocks."""
+    return layer.out_features % 32 == 0 and layer.in_features % cfg.blocksize == 0
 
 
 # --- The layers: bitsandbytes' own, bound to the device they were built on -----------------------
