@@ -19,7 +19,8 @@ one row runs it as a pair: the CPU's matrix kernels take another path for one ro
 (gemv against gemm), whose sums round differently, while 2 rows and more agree bit for bit (measured).
 The pair costs a lone row up to twice the time on a CPU, so it is paid only where it buys something:
 a quantized model's rows depend on the batch anyway (LLM.int8() picks its 16-bit outlier columns over
-all rows; the 4-bit layers too take another kernel for one row), and there a lone row runs alone.
+all rows; the 4-bit layers too take another kernel for one row), and there a lone row runs alone and
+the rows of a decode step attend in one call (model.Transformer.batch_invariant).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import Linear, Transformer
+from .model import Transformer
 from .sampling import SamplingParams, apply_logit_bias, next_tokens, top_logprobs
 from .textstream import IncrementalDecoder, StopStringFilter
 from .tokenizer import Tokenizer
@@ -195,7 +196,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk or model.prefill_chunk or DEFAULT_PREFILL_CHUNK
         if model.prefill_chunk is not None:
             self.prefill_chunk = min(self.prefill_chunk, model.prefill_chunk)
-        self.pair_lone_rows = computes_rows_independently(model)
+        self.pair_lone_rows = model.batch_invariant
         self.slots: list[ActiveRequest | None] = [None] * model.max_batch_size
         self.waiting: deque[Handle] = deque()
         self.lock = threading.Condition()  # guards waiting and closed; notified when work arrives
@@ -406,12 +407,6 @@ class Engine:
                 pending.popleft()
             self.step()
         return results
-
-
-def computes_rows_independently(model: Transformer) -> bool:
-    """Whether every linear layer is the model's own (unquantized), whose rows' results depend on
-    nothing but the row and how many rows the kernel sees."""
-    return all(isinstance(m, Linear) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 class EngineThread:

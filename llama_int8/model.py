@@ -206,6 +206,21 @@ class KVCache(nn.Module):
         self.v[rows, :, start_pos:end] = v
         return self.k[rows, :, :end], self.v[rows, :, :end]
 
+    def update_rows(self, k: torch.Tensor, v: torch.Tensor, rows: DecodeRows,
+                    window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store one token per row, k, v [b, kv_heads, 1, d], each at its own row and position; return
+        the rows' keys and values up to the furthest position [b, kv_heads, t, d] and which of those
+        each row's query sees [b, t] (its own positions, within the window when there is one)."""
+        cache_rows, positions = rows.rows, rows.positions
+        self.k[cache_rows, :, positions] = k[:, :, 0]
+        self.v[cache_rows, :, positions] = v[:, :, 0]
+        t = max(rows.starts) + 1
+        index = torch.arange(t, device=k.device)
+        visible = index <= positions[:, None]
+        if window is not None:
+            visible &= index > positions[:, None] - window
+        return rows.select(self.k, t), rows.select(self.v, t), visible
+
 
 class RollingKVCache(nn.Module):
     """The last `window` keys and values only, in a ring buffer [batch, kv_heads, window, head_dim]:
@@ -248,6 +263,18 @@ class RollingKVCache(nn.Module):
         self.k[rows].index_copy_(2, slots, k[:, :, s - kept:])
         self.v[rows].index_copy_(2, slots, v[:, :, s - kept:])
         return keys, values
+
+    def update_rows(self, k: torch.Tensor, v: torch.Tensor, rows: DecodeRows,
+                    window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KVCache.update_rows for the ring: each row's query sees the slots it has filled, all of
+        them once it is a window long (in ring order, which one query may take as it is)."""
+        cache_rows, positions = rows.rows, rows.positions
+        w = self.window
+        self.k[cache_rows, :, positions % w] = k[:, :, 0]
+        self.v[cache_rows, :, positions % w] = v[:, :, 0]
+        t = min(max(rows.starts) + 1, w)
+        visible = torch.arange(t, device=k.device) < (positions[:, None] + 1).clamp(max=w)
+        return rows.select(self.k, t), rows.select(self.v, t), visible
 
 
 def cache_slots(max_seq_len: int, window: int | None) -> int:
@@ -338,6 +365,22 @@ def flash_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int 
                            window_size=window_size)
 
 
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, backend: str) -> torch.Tensor:
+    """One query per row, q [b, 1, h, d], over its row of k, v [b, kv_h, t, d] where visible [b, t]:
+    one call for the whole batch; returns [b, 1, h, d]. The query heads that share a key/value head
+    are folded into its query rows, as in sdpa_attend; flash-attn takes no mask, so SDPA runs there."""
+    b, _, h, d = q.shape
+    kv_h = k.shape[1]
+    folded = q.reshape(b, kv_h, h // kv_h, d)  # query head j = kv head j // groups
+    mask = visible[:, None, None, :]  # [b, 1, 1, t]: the same keys for every head of a row
+    if backend == "math":
+        scores = (folded.float() @ k.float().transpose(-2, -1)) / math.sqrt(d)  # [b, kv_h, groups, t]
+        out = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.float()).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)  # [b, kv_h, groups, d]
+    return out.reshape(b, 1, h, d)
+
+
 @dataclass(frozen=True)
 class RowPlaces:
     """Where each row of a batch stands when the rows are not one block at one position, as a
@@ -349,6 +392,27 @@ class RowPlaces:
 
     def advanced(self, n: int) -> RowPlaces:
         return RowPlaces(self.cache_rows, tuple(p + n for p in self.starts))
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """Rows of one token each, each at its own place, whose attention runs as one masked call over
+    all of them: what a decode step of a model that is not batch-invariant anyway takes (see
+    Transformer.batch_invariant). cache_rows and starts as in RowPlaces, and the same as tensors
+    on the model's device (rows, positions [b])."""
+
+    cache_rows: tuple[int, ...]
+    starts: tuple[int, ...]
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+    def select(self, buffer: torch.Tensor, t: int) -> torch.Tensor:
+        """These rows' first t positions of a cache buffer [batch, kv_heads, positions, d]: a view when
+        the rows are consecutive, as they are when every slot decodes; else a copy of just those."""
+        first, b = self.cache_rows[0], len(self.cache_rows)
+        if self.cache_rows == tuple(range(first, first + b)):
+            return buffer[first:first + b, :, :t]
+        return buffer[:, :, :t].index_select(0, self.rows)
 
 
 class Attention(nn.Module):
@@ -370,7 +434,7 @@ class Attention(nn.Module):
         int8 ones share their product by other means: quantized_layers.SharedInputGroup)."""
         self.wqkv = fuse_weights((self.wq, self.wk, self.wv))
 
-    def forward(self, x: torch.Tensor, place: int | RowPlaces, rotation: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, place: int | RowPlaces | DecodeRows, rotation: torch.Tensor) -> torch.Tensor:
         """x [b, s, dim] at one start position for rows 0..b-1 of the cache, or each row at its own place."""
         b, s, _ = x.shape
         h, kv_h, d = self.n_heads, self.n_kv_heads, self.head_dim
@@ -386,6 +450,9 @@ class Attention(nn.Module):
         if isinstance(place, int):
             keys, values = self.cache.update(k, v, place)  # [b, kv_h, t, d]
             out = attend(q, keys, values, self.window, self.backend)  # [b, s, h, d]
+        elif isinstance(place, DecodeRows):
+            keys, values, visible = self.cache.update_rows(k, v, place, self.window)  # [b, kv_h, t, d], [b, t]
+            out = attend_rows(q, keys, values, visible, self.backend)  # [b, 1, h, d]
         else:
             # Each row attends over exactly its own keys, alone: padding rows to one length, or
             # running rows of equal length as one SDPA batch, changes how the sums round (measured
@@ -426,7 +493,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, place: int | RowPlaces, rotation: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, place: int | RowPlaces | DecodeRows, rotation: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), place, rotation)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -444,6 +511,8 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_len = 0
         self.prefill_chunk: int | None = None
+        # Whether a row's numbers must not depend on the rows beside it; set by setup_caches.
+        self.batch_invariant = True
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
                      device: torch.device | str, prefill_chunk: int | None = None) -> None:
@@ -452,6 +521,12 @@ class Transformer(nn.Module):
         With a sliding window each layer keeps only the last `window` positions (RollingKVCache).
         prefill_chunk: blocks longer than this are run in chunks of it, bounding the activations;
         with a window a chunk never exceeds the window.
+
+        Call it once the weights are in place: it also sets batch_invariant, whether rows at their
+        own places attend one by one (RowPlaces) so that a row's numbers do not depend on the rows
+        beside it. That holds where every linear layer is the model's own; a quantized layer's rows
+        depend on the batch anyway (LLM.int8() picks its outlier columns over all rows), and there
+        a decode step attends all its rows in one call (DecodeRows), which costs a fraction.
         """
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -465,6 +540,7 @@ class Transformer(nn.Module):
             cache = RollingKVCache if slots < max_seq_len else KVCache
             layer.attention.cache = cache(max_batch_size, a.n_kv_heads, slots, a.head_dim, dtype, device)
         self.register_buffer("rope", rope_tables(a, max_seq_len, device), persistent=False)
+        self.batch_invariant = all(isinstance(m, Linear) for m in self.modules() if isinstance(m, nn.Linear))
 
     @property
     def device(self) -> torch.device:
@@ -496,7 +572,7 @@ class Transformer(nn.Module):
         chunk = self.prefill_chunk or s
         hidden: list[torch.Tensor] = []
         for i in range(0, s, chunk):
-            h = self.run_blocks(tokens[:, i:i + chunk], place + i if isinstance(place, int) else place.advanced(i))
+            h = self.run_blocks(tokens[:, i:i + chunk], place if i == 0 else advanced(place, i))
             if last_only:  # the earlier chunks only fill the cache: keep nothing of theirs
                 hidden = [h[:, -1:]]
             else:
@@ -505,9 +581,10 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
     def place_rows(self, b: int, s: int, start_pos: int | torch.Tensor,
-                   cache_rows: Sequence[int] | None) -> int | RowPlaces:
+                   cache_rows: Sequence[int] | None) -> int | RowPlaces | DecodeRows:
         """start_pos itself for the plain case (rows 0..b-1 at one position), else each row's
-        RowPlaces; refuses what the cache does not hold."""
+        RowPlaces, or DecodeRows for a decode step of several rows where the model is not
+        batch_invariant; refuses what the cache does not hold."""
         if not isinstance(start_pos, torch.Tensor) and cache_rows is None:
             if b > self.max_batch_size or start_pos + s > self.max_seq_len:
                 raise ValueError(f"{b} sequences up to position {start_pos + s} exceed the cache "
@@ -523,20 +600,31 @@ class Transformer(nn.Module):
                              f"{self.max_seq_len} positions; call setup_caches with more")
         if min(rows) < 0 or max(rows) >= self.max_batch_size:
             raise ValueError(f"cache_rows {rows} exceed the cache's {self.max_batch_size} rows")
+        if s == 1 and b > 1 and not self.batch_invariant:
+            device = self.rope.device
+            return DecodeRows(tuple(rows), tuple(starts), torch.tensor(rows, device=device),
+                              torch.tensor(starts, device=device))
         return RowPlaces(tuple(rows), tuple(starts))
 
-    def run_blocks(self, tokens: torch.Tensor, place: int | RowPlaces) -> torch.Tensor:
+    def run_blocks(self, tokens: torch.Tensor, place: int | RowPlaces | DecodeRows) -> torch.Tensor:
         """Hidden states [b, s, dim] after the last block, for tokens [b, s] at place onwards."""
         s = tokens.shape[1]
         h = self.tok_embeddings(tokens)
         if isinstance(place, int):
             rotation = self.rope[place:place + s]  # [s, d/2]
+        elif isinstance(place, DecodeRows):
+            rotation = self.rope[place.positions, None]  # [b, 1, d/2]
         else:
             starts = torch.tensor(place.starts, device=tokens.device)
             rotation = self.rope[starts[:, None] + torch.arange(s, device=tokens.device)]  # [b, s, d/2]
         for layer in self.layers:
             h = layer(h, place, rotation)
         return h
+
+
+def advanced(place: int | RowPlaces, n: int) -> int | RowPlaces:
+    """place, n tokens further on (the next prefill chunk)."""
+    return place + n if isinstance(place, int) else place.advanced(n)
 
 
 def empty_model(args: ModelArgs, attention_backend: str = "sdpa") -> Transformer:

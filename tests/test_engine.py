@@ -264,6 +264,20 @@ def test_a_lone_request_on_a_quantized_model_runs_as_llama_generate(tmp_path, sp
     assert result.tokens == llm.generate([prompt], max_gen_len=20, temperature=0, stop_ids=())[0]
 
 
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantized_rows_decoded_together_give_each_its_tokens(quant, tmp_path, sp_model):
+    """A quantized model's decode steps attend all their rows in one masked call (model.DecodeRows):
+    8 requests of different lengths arriving at different times, some of them several windows long,
+    each gets the greedy tokens it gets alone."""
+    ref = tiny_hf_model(seed=14, model_type="mistral", sliding_window=WINDOW, num_key_value_heads=2)
+    folder = write_hf_folder(ref, tmp_path / "m", tokenizer=sp_model)
+    llm = Llama.build(folder, quant=quant, dtype="float32", device="cpu", max_seq_len=96, max_batch_size=SLOTS)
+    assert not llm.model.batch_invariant
+    requests = greedy_requests()
+    together = run_staggered(Engine(llm.model, llm.tokenizer), requests, ARRIVAL_STEPS)
+    assert [tokens_of(outs) for outs in together] == [tokens_of(run_alone(llm, r)) for r in requests]
+
+
 # --- Real weights ------------------------------------------------------------------------------------
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",

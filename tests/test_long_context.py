@@ -250,18 +250,22 @@ def test_flash_model_matches_sdpa(mistral_folder):
 
 # --- Rows at their own positions (continuous batching) ------------------------------------------------
 
+@pytest.mark.parametrize("rows", [[2, 0, 3, 1], [0, 1, 2, 3]], ids=["rows-shuffled", "rows-in-order"])
+@pytest.mark.parametrize("together", [False, True], ids=["rows-alone", "rows-together"])
 @pytest.mark.parametrize("case", ["llama", "mistral-window"])
-def test_rows_at_their_own_positions_match_transformers(case, mistral, mistral_folder, llama_folder):
+def test_rows_at_their_own_positions_match_transformers(case, together, rows, mistral, mistral_folder, llama_folder):
     """Rows prefilled to different lengths in their own cache rows, then one forward with a start
     position per row (decode steps, then blocks of 3), each row against transformers' logits of its
-    whole sequence: with a window the rows run several windows long."""
+    whole sequence: with a window the rows run several windows long. Decode steps attend row by
+    row (a batch-invariant model) or all rows in one masked call (as a quantized model's do); batch
+    row i lives in cache row rows[i]."""
     from transformers import AutoModelForCausalLM
 
     folder = llama_folder if case == "llama" else mistral_folder
     ref = mistral if case == "mistral-window" else AutoModelForCausalLM.from_pretrained(llama_folder).float().eval()
     llm = build(folder, max_batch_size=4, prefill_chunk=5)
+    llm.model.batch_invariant = not together
     lengths = [3, 3 * WINDOW + 1, 11, 2 * WINDOW]
-    rows = [2, 0, 3, 1]  # batch row i lives in cache row rows[i]
     seqs = [random_tokens(1, n + 5, seed=20 + i)[0] for i, n in enumerate(lengths)]
     for seq, n, row in zip(seqs, lengths, rows):
         llm.model(seq[None, :n], 0, cache_rows=[row])

@@ -7,7 +7,7 @@ import torch
 
 from conftest import assert_logits_close, hf_greedy, tiny_hf_model, write_hf_folder, write_meta_folder
 from llama_int8 import Llama
-from llama_int8.model import ONEDNN_LINEAR, Linear
+from llama_int8.model import ONEDNN_LINEAR, Linear, attend, attend_rows
 
 CONFIGS = {
     "mha": dict(num_key_value_heads=4),
@@ -97,6 +97,22 @@ def test_attention_backends_agree(backend, tmp_path, sp_model):
     tokens = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert_logits_close(llm.model(tokens, 0), ref(tokens).logits)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_rows_attended_together_equal_each_row_alone(backend):
+    """attend_rows: one query per row over the keys its mask leaves it (a prefix of its own length,
+    or a ring's window of them), in one call; each row as attend gives it over exactly those keys."""
+    g = torch.Generator().manual_seed(5)
+    b, h, kv_h, t, d = 4, 6, 2, 11, 16
+    q = torch.randn(b, 1, h, d, generator=g)
+    k, v = torch.randn(b, kv_h, t, d, generator=g), torch.randn(b, kv_h, t, d, generator=g)
+    lengths = [1, 11, 4, 7]
+    visible = torch.arange(t) < torch.tensor(lengths)[:, None]
+    together = attend_rows(q, k, v, visible, backend)
+    for i, n in enumerate(lengths):
+        alone = attend(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], None, "math")
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_flash_refused_where_unusable(tmp_path, sp_model):
