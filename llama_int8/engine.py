@@ -19,8 +19,9 @@ one row runs it as a pair: the CPU's matrix kernels take another path for one ro
 (gemv against gemm), whose sums round differently, while 2 rows and more agree bit for bit (measured).
 The pair costs a lone row up to twice the time on a CPU, so it is paid only where it buys something:
 a quantized model's rows depend on the batch anyway (LLM.int8() picks its 16-bit outlier columns over
-all rows; the 4-bit layers too take another kernel for one row), and there a lone row runs alone and
-the rows of a decode step attend in one call (model.Transformer.batch_invariant).
+all rows; where bitsandbytes lacks its AVX512-BF16 kernel the 4-bit layers too take another path for
+one row), and there a lone row runs alone and the rows of a decode step attend in one call
+(model.Transformer.batch_invariant).
 """
 
 from __future__ import annotations
