@@ -206,19 +206,17 @@ class KVCache(nn.Module):
         self.v[rows, :, start_pos:end] = v
         return self.k[rows, :, :end], self.v[rows, :, :end]
 
-    def update_rows(self, k: torch.Tensor, v: torch.Tensor, rows: DecodeRows,
-                    window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update_rows(self, k: torch.Tensor, v: torch.Tensor,
+                    rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store one token per row, k, v [b, kv_heads, 1, d], each at its own row and position; return
         the rows' keys and values up to the furthest position [b, kv_heads, t, d] and which of those
-        each row's query sees [b, t] (its own positions, within the window when there is one)."""
+        each row's query sees [b, t]: its own positions (a model with a window shorter than the cache
+        has a RollingKVCache instead, so no window bites here)."""
         cache_rows, positions = rows.rows, rows.positions
         self.k[cache_rows, :, positions] = k[:, :, 0]
         self.v[cache_rows, :, positions] = v[:, :, 0]
         t = max(rows.starts) + 1
-        index = torch.arange(t, device=k.device)
-        visible = index <= positions[:, None]
-        if window is not None:
-            visible &= index > positions[:, None] - window
+        visible = torch.arange(t, device=k.device) <= positions[:, None]
         return rows.select(self.k, t), rows.select(self.v, t), visible
 
 
@@ -264,8 +262,8 @@ class RollingKVCache(nn.Module):
         self.v[rows].index_copy_(2, slots, v[:, :, s - kept:])
         return keys, values
 
-    def update_rows(self, k: torch.Tensor, v: torch.Tensor, rows: DecodeRows,
-                    window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update_rows(self, k: torch.Tensor, v: torch.Tensor,
+                    rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """KVCache.update_rows for the ring: each row's query sees the slots it has filled, all of
         them once it is a window long (in ring order, which one query may take as it is)."""
         cache_rows, positions = rows.rows, rows.positions
@@ -451,7 +449,7 @@ class Attention(nn.Module):
             keys, values = self.cache.update(k, v, place)  # [b, kv_h, t, d]
             out = attend(q, keys, values, self.window, self.backend)  # [b, s, h, d]
         elif isinstance(place, DecodeRows):
-            keys, values, visible = self.cache.update_rows(k, v, place, self.window)  # [b, kv_h, t, d], [b, t]
+            keys, values, visible = self.cache.update_rows(k, v, place)  # [b, kv_h, t, d], [b, t]
             out = attend_rows(q, keys, values, visible, self.backend)  # [b, 1, h, d]
         else:
             # Each row attends over exactly its own keys, alone: padding rows to one length, or
