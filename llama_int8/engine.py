@@ -243,10 +243,14 @@ class Engine:
     def submit(self, requests: Sequence[Request], on_output: Callable[[int, Output], None]) -> list[Handle]:
         """Queue requests, all or none; on_output(i, output) receives the outputs of requests[i].
 
-        Raises InvalidRequest for a bad request, QueueFull when they do not all fit in the free slots
-        and the queue, RuntimeError once the engine is closed."""
+        Raises InvalidRequest for a bad request or more requests than slots and queue together hold
+        (field "requests": they could never fit), QueueFull when they do not all fit in the free
+        slots and the queue now, RuntimeError once the engine is closed."""
         for r in requests:
             self.check(r)
+        if len(requests) > len(self.slots) + self.max_queue:
+            raise InvalidRequest("requests", f"{len(requests)} completions at once can never fit: {len(self.slots)} "
+                                             f"run at a time and {self.max_queue} may wait")
         with self.lock:
             handles = [Handle(next(self.ids), r, lambda out, i=i: on_output(i, out)) for i, r in enumerate(requests)]
             if self.closed:
@@ -293,12 +297,19 @@ class Engine:
             h.on_output(Output("", (), (), "cancelled", len(h.request.prompt), 0))
 
     def admit_waiting(self) -> None:
+        failed = []
         with self.lock:
             for row, seq in enumerate(self.slots):
-                if seq is None and self.waiting:
+                while self.slots[row] is None and self.waiting:
                     handle = self.waiting.popleft()
-                    self.slots[row] = ActiveRequest(handle, row, self.tokenizer, self.model.args.vocab_size,
-                                                self.model.device)
+                    try:
+                        self.slots[row] = ActiveRequest(handle, row, self.tokenizer, self.model.args.vocab_size,
+                                                        self.model.device)
+                    except Exception:  # ends this request alone; the slot goes to the next one
+                        log.exception("Setting up request %d failed; ending it alone", handle.id)
+                        failed.append(handle)
+        for h in failed:
+            h.on_output(Output("", (), (), "error", len(h.request.prompt), 0))
 
     @torch.inference_mode()
     def prefill(self, seq: ActiveRequest, n: int) -> None:
@@ -321,11 +332,29 @@ class Engine:
         self.advance(seqs, logits)
 
     def advance(self, seqs: list[ActiveRequest], logits: torch.Tensor) -> None:
-        """Sample each sequence's next token from its row of logits [n, vocab], then report it."""
-        chosen = torch.cat([self.choose(s, logits[i:i + 1]) for i, s in enumerate(seqs)])  # [n]
-        logprobs = [self.token_logprob(s, logits[i:i + 1], chosen[i:i + 1]) for i, s in enumerate(seqs)]
-        for s, token, lp in zip(seqs, chosen.tolist(), logprobs):  # one device-to-host copy of the tokens
-            self.emit(s, token, lp)
+        """Sample each sequence's next token from its row of logits [n, vocab], then report it. A
+        sequence whose sampling or reporting fails ends alone with an error; the others go on."""
+        sampled = []
+        for i, s in enumerate(seqs):
+            try:
+                token = self.choose(s, logits[i:i + 1])  # [1]
+                sampled.append((s, token, self.token_logprob(s, logits[i:i + 1], token)))
+            except Exception:
+                self.fail(s)
+        if not sampled:
+            return
+        tokens = torch.cat([token for _, token, _ in sampled]).tolist()  # one device-to-host copy
+        for (s, _, lp), token in zip(sampled, tokens):
+            try:
+                self.emit(s, token, lp)
+            except Exception:
+                self.fail(s)
+
+    def fail(self, seq: ActiveRequest) -> None:
+        """End one sequence with an error (logged with its traceback), unless it has ended already."""
+        log.exception("Request %d failed; ending it alone", seq.handle.id)
+        if self.slots[seq.row] is seq:
+            self.finish(seq, "", "error")
 
     @staticmethod
     def choose(seq: ActiveRequest, logits: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,15 @@ says), as other OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .engine import Output, Request, TokenLogprob
+from .params import SEED_RANGE, as_float32, unencodable
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -23,6 +25,24 @@ from .tokenizer import Tokenizer
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16
+
+
+def valid_text(text: str) -> str:
+    """Text that can be encoded (JSON's \\ud800 escapes decode to lone surrogates, which cannot)."""
+    if (problem := unencodable(text)) is not None:
+        raise ValueError(problem)
+    return text
+
+
+def nonzero_in_float32(value: float) -> float:
+    """A value sampling can tell from 0: it computes in float32, where 1e-300 is 0."""
+    if value != 0 and as_float32(value) == 0:
+        raise ValueError(f"{value!r} is 0 in float32, which sampling computes in")
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_text)]
+PositiveFloat32 = Annotated[float, AfterValidator(nonzero_in_float32)]
 
 
 class OpenAIBody(BaseModel):
@@ -41,15 +61,15 @@ class GenerationFields(OpenAIBody):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
-    seed: int | None = None
+    top_p: PositiveFloat32 = Field(1.0, gt=0, le=1)
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: PositiveFloat32 = Field(1.0, gt=0, le=10)
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a string in JSON)
     ignore_eos: bool = False
     user: str | None = None  # OpenAI's end-user id: accepted, unused
@@ -66,13 +86,13 @@ class GenerationFields(OpenAIBody):
 
 class TextPart(OpenAIBody):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIBody):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     @property
     def text(self) -> str:
@@ -103,20 +123,25 @@ class ChatCompletionRequest(GenerationFields):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class TokenizeRequest(OpenAIBody):
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(OpenAIBody):
     tokens: list[int]
+
+
+# How pydantic names the branch of a union it tried ("str", "list[TextPart]", "function-after[...]",
+# "ChatMessage"): a type, never a field of ours, which are lower-case words.
+UNION_BRANCH = re.compile(r"(str|int|float|bool|none|bytes|[a-z]+(-[a-z]+)*\[.*\]|[A-Z]\w*)")
 
 
 def field_path(loc: tuple | list) -> str:
@@ -127,18 +152,36 @@ def field_path(loc: tuple | list) -> str:
             continue
         if isinstance(part, int):
             path += f"[{part}]"
-        elif not str(part).startswith(("function-", "list[", "str", "int")):  # union branches say nothing
+        elif not UNION_BRANCH.fullmatch(str(part)):
             path += f".{part}" if path else str(part)
     return path
 
 
+def telling_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report of pydantic's list. A value that fails a union fails every branch; the
+    telling branch is one whose type the value has ("at most 16 items" over "not a string"), else
+    the deepest (where the value went wrong inside a list)."""
+
+    def type_mismatch(error: dict[str, Any]) -> bool:
+        return error.get("type", "").endswith(("_type", "_parsing"))
+
+    return min(errors, key=lambda e: (type_mismatch(e), -len(e.get("loc", ()))))
+
+
 def first_invalid_field(errors: list[dict[str, Any]]) -> tuple[str | None, str]:
-    """The field (None for the body itself) and message of the first of pydantic's validation errors,
-    the message led by the field's path."""
-    first = errors[0]
+    """The field (None for the body itself) and message of pydantic's telling validation error, the
+    message led by the field's path. A body that is not JSON names no field: the location pydantic
+    gives it is a character offset."""
+    first = telling_error(errors)
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        where = first.get("loc", ())[-1:]
+        at = f" at character {where[0]}" if where and isinstance(where[0], int) else ""
+        return None, f"the body is not valid JSON{at}" + (f": {reason}" if reason else "")
     param = field_path(first.get("loc", ()))
     where = f"{param}: " if param else ""
-    return param or None, f"{where}{first.get('msg', 'invalid value')}"
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic's word for a ValueError
+    return param or None, f"{where}{message}"
 
 
 def unknown_fields(body: BaseModel) -> list[str]:
@@ -157,8 +200,9 @@ def unknown_fields(body: BaseModel) -> list[str]:
 
 def sampling_params(body: GenerationFields, choice: int = 0) -> SamplingParams:
     """How a body's choice-th choice samples; choices of a seeded body get seed, seed + 1, ..."""
+    # torch seeds modulo 2**64 (seed -1 draws as 2**64 - 1 does), so choices near the end wrap around.
     return SamplingParams(temperature=body.temperature, top_p=body.top_p,
-                          seed=None if body.seed is None else body.seed + choice,
+                          seed=None if body.seed is None else (body.seed + choice) % 2**64,
                           repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
                           presence_penalty=body.presence_penalty, logit_bias=tuple((body.logit_bias or {}).items()))
 

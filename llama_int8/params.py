@@ -12,12 +12,14 @@ sampling and never silent garbage.
 `Llama`'s generation methods call these; a scheduler or server taking requests calls the same ones
 (a SamplingParams can run check_sampling_args(**dataclasses.asdict(self)) in its __post_init__).
 Temperatures below GREEDY_BELOW sample greedily (`effective_temperature`): dividing logits by them
-overflows float32.
+overflows float32. Numbers are judged by the value sampling computes with, float32: 1e-300 is 0 there,
+so it is no positive repetition penalty.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Collection, Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -28,10 +30,22 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 GREEDY_BELOW = 1e-5
 
 
+def as_float32(value: float) -> float:
+    """value rounded to float32, as sampling computes with it: inf beyond float32's range."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 def check_number(argument: str, value: Any, expected: str, ok: Callable[[float], bool]) -> None:
-    """value is a finite real number (not a bool) for which ok holds, else ValueError."""
+    """value is a finite real number (not a bool) for which ok holds, in float32 too, else ValueError."""
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{argument}: expected a number {expected}, got {value!r}")
+    rounded = as_float32(value)
+    if not (math.isfinite(rounded) and ok(rounded)):
+        raise ValueError(f"{argument}: expected a number {expected} in float32, which sampling computes in; "
+                         f"{value!r} is {rounded!r} there")
 
 
 def check_integer(argument: str, value: Any, low: int, high: int | None = None) -> None:
@@ -53,6 +67,13 @@ def check_sampling_args(temperature: float = 1.0, top_p: float = 1.0, repetition
         check_integer("seed", seed, *SEED_RANGE)
 
 
+def check_logit_bias(logit_bias: Sequence[tuple[int, float]]) -> None:
+    """(token, bias) pairs, each bias in [-100, 100] (OpenAI's range); the tokens are the vocabulary's
+    to check."""
+    for token, bias in logit_bias:
+        check_number(f"logit_bias[{token}]", bias, "in [-100, 100]", lambda v: -100 <= v <= 100)
+
+
 def effective_temperature(temperature: float) -> float:
     """The temperature sampling uses: 0 (greedy) below GREEDY_BELOW."""
     return 0.0 if temperature < GREEDY_BELOW else float(temperature)
@@ -69,11 +90,18 @@ def check_text(text: Any, argument: str) -> None:
     errors="surrogateescape" from bytes that were not UTF-8 holds)."""
     if not isinstance(text, str):
         raise ValueError(f"{argument}: expected a string, got {type(text).__name__} {text!r:.80}")
+    if (problem := unencodable(text)) is not None:
+        raise ValueError(f"{argument}: {problem}")
+
+
+def unencodable(text: str) -> str | None:
+    """What keeps text from being encoded as UTF-8, or None when nothing does."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{argument}: not valid text: a lone surrogate {text[e.start]!r} at character {e.start} "
-                         "(was it decoded from bytes that are not UTF-8?)") from None
+        return (f"not valid text: a lone surrogate {text[e.start]!r} at character {e.start} (was it decoded from "
+                "bytes that are not UTF-8?)")
+    return None
 
 
 def check_list(value: Any, argument: str, items: str) -> None:

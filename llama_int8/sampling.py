@@ -8,10 +8,11 @@ row (see engine.py).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from .params import check_logit_bias, check_sampling_args
 
 
 @dataclass(frozen=True)
@@ -28,19 +29,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token, value in [-100, 100]) added to its logit
 
     def __post_init__(self) -> None:
-        checks = {"temperature": self.temperature >= 0, "top_p": 0 < self.top_p <= 1,
-                  "repetition_penalty": self.repetition_penalty > 0,
-                  "frequency_penalty": -2 <= self.frequency_penalty <= 2,
-                  "presence_penalty": -2 <= self.presence_penalty <= 2}
-        expected = {"temperature": ">= 0", "top_p": "in (0, 1]", "repetition_penalty": "> 0",
-                    "frequency_penalty": "in [-2, 2]", "presence_penalty": "in [-2, 2]"}
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            if not (ok and math.isfinite(value)):
-                raise ValueError(f"{name}: expected a number {expected[name]}, got {value!r}")
-        for token, bias in self.logit_bias:
-            if not (-100 <= bias <= 100 and math.isfinite(bias)):
-                raise ValueError(f"logit_bias: expected values in [-100, 100], got {bias!r} for token {token}")
+        check_sampling_args(self.temperature, self.top_p, self.repetition_penalty, self.seed, self.frequency_penalty,
+                            self.presence_penalty)
+        check_logit_bias(self.logit_bias)
 
     @property
     def reads_history(self) -> bool:
@@ -92,7 +83,10 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, repetiti
         logits = apply_frequency_presence_penalty(logits, counts, frequency_penalty, presence_penalty)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # A tiny repetition penalty or temperature can scale a logit past float32's range; clamped, the
+    # largest logits tie instead of turning softmax into NaN.
+    biggest = torch.finfo(logits.dtype).max
+    probs = torch.softmax((logits / temperature).clamp(-biggest, biggest), dim=-1)
     return sample_top_p(probs, top_p, generator)
 
 

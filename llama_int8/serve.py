@@ -6,20 +6,23 @@ continuous batching):
 Takes example.py's model flags (same names, same defaults; --max_batch_size is the number of
 requests generated at once) and --host (127.0.0.1 unless told otherwise), --port (0: any free one),
 --api_key (or the LLAMA_INT8_API_KEY environment variable). The flags are checked before torch is
-imported. SIGTERM stops accepting connections, lets what is in flight finish for --shutdown_grace
-seconds, cancels the rest and exits 0.
+imported. SIGTERM or SIGINT refuses new requests, lets those in flight finish for --shutdown_grace
+seconds, ends the rest with an error (an error event in a stream, 503 shutting_down otherwise) and
+exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -33,6 +36,7 @@ API_KEY_ENV = "LLAMA_INT8_API_KEY"
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 10.0
+SHUTDOWN_MARGIN = 5.0
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +58,17 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server, exiting 0 after a graceful shutdown on SIGTERM or SIGINT: uvicorn raises the
-    signal again once it has shut down, which ends the process as killed by it."""
+    """uvicorn's server, exiting 0 after a graceful shutdown on SIGTERM or SIGINT (uvicorn raises the
+    signal again once it has shut down, which ends the process as killed by it), and telling the app
+    at the signal, not once the connections have closed: the app ends what is in flight itself."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]):
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -89,8 +102,9 @@ def main(args: argparse.Namespace) -> None:
 
     app = create_app(settings, lambda: Llama.build(**kwargs), load_failed)
     sock = socket.create_server((args.host, args.port))
-    server = GracefulServer(uvicorn.Config(app, log_config=None, access_log=False,
-                                           timeout_graceful_shutdown=int(settings.shutdown_grace) + 1))
+    deadline = math.ceil(settings.shutdown_grace + SHUTDOWN_MARGIN) + 1  # after sse-starlette's, after ours
+    server = GracefulServer(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=deadline),
+                            on_exit=app.state.server.begin_shutdown)
     for name in ("uvicorn", "uvicorn.error", "sse_starlette"):  # their startup lines say what ours does
         logging.getLogger(name).setLevel(logging.WARNING)
     host, port = sock.getsockname()[:2]

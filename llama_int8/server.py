@@ -7,8 +7,12 @@ the model loads, 200 once it serves), GET /metrics (Prometheus), POST /tokenize,
 Built on FastAPI; streams are server-sent events through sse-starlette, metrics go through
 prometheus_client. The engine steps in a thread of its own; each HTTP request submits its engine
 requests and reads their outputs on the event loop. A client that disconnects cancels its
-requests, which frees their slots at the engine's next step. At shutdown, streams in flight get
-shutdown_grace seconds to finish, then what is left is cancelled.
+requests, which frees their slots at the engine's next step.
+
+Shutdown (begin_shutdown, called by serve.py on SIGTERM or SIGINT): new requests are refused (503
+shutting_down), those in flight get shutdown_grace seconds to finish, then each one left ends with
+an error in OpenAI's shape: an error event in a stream, a 503 shutting_down otherwise. Nobody is cut
+off silently: the HTTP layers' own deadlines (SHUTDOWN_MARGIN later) come after ours.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
+from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -42,6 +46,9 @@ log = logging.getLogger("llama_int8.server")
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # TGI's payload limit: room for prompts far beyond any context
 DEFAULT_SHUTDOWN_GRACE = 10.0
+# Seconds past the grace before sse-starlette and uvicorn cut what is still open: time for the
+# requests ended at the grace's end to send their error (an engine step, then one event).
+SHUTDOWN_MARGIN = 5.0
 # Seconds buckets of the latency histograms: decode steps of a CPU at the low end, long prompts at the top.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -120,6 +127,8 @@ class ServerState:
         self.on_load_failure = on_load_failure
         self.engine: Engine | None = None
         self.engine_thread: EngineThread | None = None
+        self.stopping: threading.Thread | None = None
+        self.stopping_lock = threading.Lock()
         self.tokenizer = None
         self.encode_dialog: Callable[[list[dict[str, str]]], list[int]] | None = None
         self.metrics = Metrics(lambda: self.engine.running if self.engine else 0,
@@ -139,7 +148,16 @@ class ServerState:
         log.info("Ready: %s, %d slots of %d tokens, queue of %d", self.settings.model_name,
                  llm.model.max_batch_size, llm.model.max_seq_len, self.settings.max_queue)
 
+    def begin_shutdown(self) -> None:
+        """Refuse new requests from now on and end those left after the grace (see the module's
+        docstring); returns at once. Safe to call again, from any thread."""
+        with self.stopping_lock:
+            if self.stopping is None:
+                self.stopping = threading.Thread(target=self.stop, name="llama_int8-shutdown", daemon=True)
+                self.stopping.start()
+
     def stop(self) -> None:
+        """Refuse new requests, give those in flight the grace, end the rest, and wait for that."""
         if self.engine_thread is not None:
             self.engine_thread.stop(self.settings.shutdown_grace)
 
@@ -155,7 +173,8 @@ class ServerState:
 class Generation:
     """The engine requests of one HTTP request, their outputs brought to the event loop in order."""
 
-    def __init__(self, state: ServerState, requests: list[Request], arrived: float, param: str):
+    def __init__(self, state: ServerState, requests: list[Request], arrived: float, param: str,
+                 count_param: str | None = None):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         timers = [RequestTimer(state.metrics, arrived) for _ in requests]
@@ -170,8 +189,9 @@ class Generation:
             raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from e
         except ContextLengthExceeded as e:
             raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
-        except InvalidRequest as e:
-            raise ApiError(400, str(e), param=param if e.field == "prompt" else e.field) from e
+        except InvalidRequest as e:  # "requests": more than the server can ever hold, which n or prompt asked for
+            field = {"prompt": param, "requests": count_param or param}.get(e.field, e.field)
+            raise ApiError(400, str(e), param=field) from e
         except RuntimeError as e:
             raise ApiError(503, str(e), "service_unavailable", code="shutting_down") from e
         state.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
@@ -276,21 +296,29 @@ def log_unknown_fields(body: api.OpenAIBody, endpoint: str) -> None:
 
 # --- Routes ------------------------------------------------------------------------------------------
 
-def api_key_check(api_key: str | None) -> Callable[[HTTPRequest], None]:
-    """A dependency requiring `Authorization: Bearer <api_key>` when a key is set. Both sides are
-    hashed first so the comparison takes the same time whatever the key's length and content."""
-    expected = hashlib.sha256(api_key.encode()).digest() if api_key else None
+class ApiKeyCheck:
+    """ASGI middleware requiring `Authorization: Bearer <api_key>` on every route but /health, before
+    anything reads the body: a caller without the key learns nothing about what it sent. Both sides
+    are hashed first so the comparison takes the same time whatever the key's length and content."""
 
-    def check(http: HTTPRequest) -> None:
-        if expected is None:
+    OPEN_PATHS = frozenset({"/health"})
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.expected = hashlib.sha256(api_key.encode()).digest()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS or self.authorized(scope):
+            await self.app(scope, receive, send)
             return
-        scheme, _, token = http.headers.get("authorization", "").partition(" ")
-        given = hashlib.sha256(token.strip().encode()).digest()
-        if not (hmac.compare_digest(given, expected) and scheme.lower() == "bearer"):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key")
+        await ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
+                       code="invalid_api_key").response()(scope, receive, send)
 
-    return check
+    def authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        given = hashlib.sha256(token.strip().encode("latin-1")).digest()
+        return hmac.compare_digest(given, self.expected) and scheme.lower() == "bearer"
 
 
 def create_app(settings: ServerSettings, load: Callable[[], Any],
@@ -307,6 +335,8 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
     app = FastAPI(title="llama_int8", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyCheck, api_key=settings.api_key)  # added last: runs first
     add_error_handlers(app)
 
     @app.get("/health")
@@ -315,18 +345,16 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    router = APIRouter(dependencies=[Depends(api_key_check(settings.api_key))])
-
-    @router.get("/metrics")
+    @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @router.get("/v1/models")
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "llama_int8"}]}
 
-    @router.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatCompletionRequest, http: HTTPRequest) -> Any:
         arrived = time.monotonic()
         log_unknown_fields(body, "/v1/chat/completions")
@@ -337,11 +365,11 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
         requests = engine_requests(state, [prompt], body, body.completion_limit, None, body.alternatives, "messages")
-        gen = Generation(state, requests, arrived, "messages")
+        gen = Generation(state, requests, arrived, "messages", "n")
         ids = api.ResponseIds("chatcmpl", settings.model_name)
         if body.stream:
             return EventSourceResponse(chat_events(state, gen, ids, body, len(prompt)), sep=SSE_LINE_END,
-                                       shutdown_grace_period=settings.shutdown_grace)
+                                       shutdown_grace_period=settings.shutdown_grace + SHUTDOWN_MARGIN)
         results = await collect_unless_disconnected(http, gen)
         if results is None:
             return Response(status_code=499)  # nobody reads it
@@ -353,7 +381,7 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
                     "finish_reason": r.finish_reason} for i, r in enumerate(results)]
         return api.chat_response(ids, choices, len(prompt), sum(r.completion_tokens for r in results))
 
-    @router.post("/v1/completions")
+    @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest, http: HTTPRequest) -> Any:
         arrived = time.monotonic()
         log_unknown_fields(body, "/v1/completions")
@@ -365,12 +393,12 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
         prompts = completion_prompts(state, body)
         requests = engine_requests(state, prompts, body, body.max_tokens, api.COMPLETIONS_DEFAULT_MAX_TOKENS,
                                    body.logprobs, "prompt")
-        gen = Generation(state, requests, arrived, "prompt")
+        gen = Generation(state, requests, arrived, "prompt", "n" if body.n > 1 else "prompt")
         ids = api.ResponseIds("cmpl", settings.model_name)
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
             return EventSourceResponse(completion_events(state, gen, ids, body, prompt_tokens), sep=SSE_LINE_END,
-                                       shutdown_grace_period=settings.shutdown_grace)
+                                       shutdown_grace_period=settings.shutdown_grace + SHUTDOWN_MARGIN)
         results = await collect_unless_disconnected(http, gen)
         if results is None:
             return Response(status_code=499)
@@ -381,7 +409,7 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
                     else api.completion_logprobs(state.tokenizer, r.logprobs, 0)} for i, r in enumerate(results)]
         return api.completion_response(ids, choices, prompt_tokens, sum(r.completion_tokens for r in results))
 
-    @router.post("/tokenize")
+    @app.post("/tokenize")
     async def tokenize(body: api.TokenizeRequest) -> dict[str, Any]:
         log_unknown_fields(body, "/tokenize")
         engine = state.ready_engine()
@@ -395,7 +423,7 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
             raise ApiError(400, str(e), param="messages") from e
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_seq_len}
 
-    @router.post("/detokenize")
+    @app.post("/detokenize")
     async def detokenize(body: api.DetokenizeRequest) -> dict[str, Any]:
         log_unknown_fields(body, "/detokenize")
         engine = state.ready_engine()
@@ -405,7 +433,6 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
             raise ApiError(400, f"tokens: ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
         return {"prompt": state.tokenizer.decode(body.tokens)}
 
-    app.include_router(router)
     return app
 
 
