@@ -272,6 +272,43 @@ def test_adapter_rank_must_match_its_config(base_dir, tmp_path):
         open_checkpoint([base_dir, write_adapter(tmp_path / "a", q_lora(), r=8)])
 
 
+def rank_zero_q_lora() -> dict[str, torch.Tensor]:
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    return {f"{prefix}.lora_A.weight": torch.zeros(0, 64), f"{prefix}.lora_B.weight": torch.zeros(64, 0)}
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"r": 0}, "r must be an integer >= 1, got 0"),
+    ({"r": 2.5}, "r must be an integer >= 1, got 2.5"),
+    ({"r": True}, "r must be an integer >= 1, got True"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number, got nan"),
+    ({"lora_alpha": "4"}, "lora_alpha must be a finite number, got '4'"),
+    ({"use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
+    ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be an integer >= 1, got 0"),
+    ({"rank_pattern": ["q_proj"]}, "rank_pattern must be an object of module pattern -> value, got list"),
+    ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern['q_proj'] must be a finite number, got inf"),
+    ({"alpha_pattern": {"(q_proj": 2}}, "alpha_pattern key '(q_proj' is not a regular expression"),
+    ({"target_modules": ["q_proj", 3]}, "target_modules must list module names (strings), got ['q_proj', 3]"),
+])
+def test_bad_adapter_settings_name_the_config_and_key(setting, message, base_dir, tmp_path):
+    # Rank-0 factors: r=0 (or a 0 in rank_pattern) agrees with them and used to divide the scale by zero.
+    adapter = write_adapter(tmp_path / "a", rank_zero_q_lora(), **setting)
+    with pytest.raises(CheckpointError) as err:
+        open_checkpoint([base_dir, adapter])
+    assert err.type is CheckpointError and f"{adapter / 'adapter_config.json'}: {message}" in str(err.value)
+
+
+def test_adapter_config_without_r(base_dir, tmp_path):
+    adapter = write_adapter(tmp_path / "a", q_lora())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    del config["r"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        open_checkpoint([base_dir, adapter])
+    assert err.type is CheckpointError
+    assert f"{adapter / 'adapter_config.json'}: missing required key 'r'" in str(err.value)
+
+
 def test_delta_or_adapter_without_a_base(base_dir, tmp_path):
     delta = write_state(tmp_path / "delta", {"model.norm.weight": torch.zeros(64)})
     with pytest.raises(CheckpointError, match="without a base"):

@@ -41,6 +41,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -389,17 +390,69 @@ def read_lora_config(folder: Path) -> LoraConfig:
         if cfg.get(key) not in (None, False, [], {}, unused):
             raise CheckpointError(f"{path}: {key}={cfg[key]!r} cannot be merged as W + scale * B @ A "
                                   f"(supported: {key}={unused!r})")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, list):  # a string is a regular expression: the tensors are checked instead
-        unknown = sorted(t for t in targets if t.split(".")[-1] not in LINEAR_MODULES)
-        if unknown:
-            raise CheckpointError(f"{path}: target_modules {unknown} are not linear layers of a LLaMA model "
-                                  f"(known: {sorted(LINEAR_MODULES)})")
-    try:
-        return LoraConfig(int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False)),
-                          dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {}))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: malformed adapter config ({type(e).__name__}: {e})") from e
+    check_target_modules(cfg.get("target_modules"), path)
+    return LoraConfig(lora_rank(required_setting(cfg, "r", path), f"{path}: r"),
+                      lora_alpha(required_setting(cfg, "lora_alpha", path), f"{path}: lora_alpha"),
+                      flag_setting(cfg, "use_rslora", path),
+                      pattern_setting(cfg, "rank_pattern", path, lora_rank),
+                      pattern_setting(cfg, "alpha_pattern", path, lora_alpha))
+
+
+def check_target_modules(targets: Any, path: Path) -> None:
+    """A list of module names must name linear layers; a string is a regular expression, which the
+    adapter's tensors are checked against instead."""
+    if not isinstance(targets, list):
+        return
+    if not all(isinstance(t, str) for t in targets):
+        raise CheckpointError(f"{path}: target_modules must list module names (strings), got {targets!r}")
+    unknown = sorted(t for t in targets if t.split(".")[-1] not in LINEAR_MODULES)
+    if unknown:
+        raise CheckpointError(f"{path}: target_modules {unknown} are not linear layers of a LLaMA model "
+                              f"(known: {sorted(LINEAR_MODULES)})")
+
+
+def required_setting(cfg: dict, key: str, path: Path) -> Any:
+    if key not in cfg:
+        raise CheckpointError(f"{path}: missing required key {key!r}")
+    return cfg[key]
+
+
+def lora_rank(value: Any, where: str) -> int:
+    """A LoRA rank: an integer >= 1 (the scale divides by it; a bool or float is no rank PEFT writes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{where} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def lora_alpha(value: Any, where: str) -> float:
+    """A LoRA alpha: a finite number (Python's JSON reads NaN and Infinity, which would spread
+    through every merged weight)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def flag_setting(cfg: dict, key: str, path: Path) -> bool:
+    """A true/false setting, False when absent (a string such as "false" would read as true)."""
+    value = cfg.get(key, False)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{path}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def pattern_setting(cfg: dict, key: str, path: Path, check: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """rank_pattern or alpha_pattern: an object of module-name regular expressions (as PEFT matches
+    them, see pattern_key) to values that check accepts; {} when absent."""
+    patterns = cfg.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{path}: {key} must be an object of module pattern -> value, "
+                              f"got {type(patterns).__name__}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise CheckpointError(f"{path}: {key} key {pattern!r} is not a regular expression ({e})") from e
+    return {pattern: check(value, f"{path}: {key}[{pattern!r}]") for pattern, value in patterns.items()}
 
 
 def adapter_weights_file(folder: Path) -> Path:
