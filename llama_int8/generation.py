@@ -14,14 +14,14 @@ import torch
 from .chat import ChatPrediction, Dialog, encode_dialog
 from .formats import Checkpoint, open_checkpoint
 from .loader import (check_memory_fits, choose_attention_backend, default_device, default_dtype, load_weights,
-                     release_page_cache)
+                     never_generate, release_page_cache)
 from .memory import describe_memory
 from .model import Transformer, empty_model
 from .params import (check_dialogs, check_integer, check_max_gen_len, check_one_dialog, check_prompt_tokens,
                      check_prompts, check_sampling_args, check_text, check_token_ids, effective_temperature)
 from .quantize import QuantConfig, parse_quant_mode
 from .sampling import next_tokens
-from .tokenizer import Tokenizer, check_tokenizer_fits
+from .tokenizer import Tokenizer, check_tokenizer_fits, ids_beyond_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class Llama:
         model.fuse_projections()
         model.setup_caches(max_batch_size, max_seq_len, dtype, device, prefill_chunk)
         model.eval()
+        never_generate(model, ids_beyond_tokenizer(tokenizer, args.vocab_size))
         log.info("Loaded %s in %.1f s (%s, %s, %s, %s attention): %s", source, time.perf_counter() - start,
                  cfg.name, device, str(dtype).removeprefix("torch."), backend, describe_memory(model, device))
         return Llama(model, tokenizer)

@@ -191,6 +191,20 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
         model.output.weight = model.tok_embeddings.weight
 
 
+def never_generate(model: Transformer, ids: list[int]) -> None:
+    """Give ids a logit of -inf in every forward of model, so that no sampling (Llama's or the
+    engine's, at any temperature, penalty or logit bias) can pick them: the embedding rows a padded
+    model has past its tokenizer, which decode to no text. Call once the caches are set up."""
+    if not ids:
+        return
+    masked = torch.tensor(ids, dtype=torch.long, device=model.device)
+
+    def mask_logits(module: nn.Module, inputs: tuple, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_fill_(-1, masked, float("-inf"))
+
+    model.register_forward_hook(mask_logits)
+
+
 def release_page_cache(paths: Iterable[Path]) -> None:
     """Tell the kernel the checkpoint's files will not be read again (posix_fadvise DONTNEED), so the
     page cache their reading filled is let go at once instead of when memory runs short: a container's

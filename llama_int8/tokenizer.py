@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -57,6 +56,7 @@ class SentencePieceTokenizer:
             [self.eos_id] if eos and self.eos_id is not None else [])
 
     def decode(self, ids: list[int]) -> str:
+        check_decodable(ids, self.vocab_size)
         return self.sp.decode(ids)
 
     def token_id(self, piece: str) -> int | None:
@@ -66,6 +66,16 @@ class SentencePieceTokenizer:
 
 def none_if_negative(i: int) -> int | None:
     return None if i < 0 else i
+
+
+def check_decodable(ids: list[int], vocab_size: int) -> None:
+    """Refuse ids the tokenizer has no token for: `tokenizers` would drop them from the text without
+    a word, and SentencePiece raises a bare IndexError. A model whose embedding is padded past its
+    tokenizer has such ids; Llama.build keeps generation from producing them."""
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise TokenizerError(f"token ids {bad[:5]} cannot be decoded: the tokenizer has ids 0..{vocab_size - 1} "
+                             "only (the model's embedding rows past those have no text)")
 
 
 def reject_tiktoken_file(path: Path) -> None:
@@ -93,6 +103,7 @@ class FastTokenizer:
         return prefix + ids + ([self.eos_id] if eos and self.eos_id is not None else [])
 
     def decode(self, ids: list[int]) -> str:
+        check_decodable(ids, self.vocab_size)
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def token_id(self, piece: str) -> int | None:
@@ -151,7 +162,7 @@ def read_chat_template(folder: Path, tok_cfg: dict) -> str | None:
     """The chat template as transformers finds it: chat_template.jinja, else tokenizer_config.json's
     `chat_template` (a string, or a list of named templates of which the "default" one is used)."""
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return read_text_file(folder / "chat_template.jinja")
     template = tok_cfg.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -173,8 +184,20 @@ def named_special_tokens(tok_cfg: dict) -> dict[str, str]:
     return {name: t for name, t in tokens.items() if isinstance(t, str)}
 
 
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: expected UTF-8 text ({e})") from e
+
+
 def read_optional_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """A JSON object beside the tokenizer, {} when the file is absent; CheckpointError naming the
+    file when it is not a valid JSON object."""
+    # Imported here: formats.common imports this module, so a module-level import would be circular.
+    from .formats.common import read_json
+
+    return read_json(path) if path.exists() else {}
 
 
 def find_tokenizer_file(ckpt_dir: Path, tokenizer_path: str | Path | None = None) -> Path:
@@ -194,16 +217,25 @@ def find_tokenizer_file(ckpt_dir: Path, tokenizer_path: str | Path | None = None
 def check_tokenizer_fits(tokenizer: Tokenizer, model_vocab_size: int, model: str | Path) -> None:
     """Refuse a tokenizer whose ids reach past the model's embedding rows (another model's, most
     likely: its ids would index past the table); one with fewer ids than rows (padded embeddings,
-    common) is fine and said in one line."""
+    common) is fine and said in one line: the rows it lacks are never generated (Llama.build)."""
     special = [i for i in (tokenizer.bos_id, tokenizer.eos_id, *tokenizer.stop_ids) if i is not None]
     ids = max(tokenizer.vocab_size, max(special, default=-1) + 1)
     if ids > model_vocab_size:
         raise TokenizerError(f"the tokenizer has ids up to {ids - 1}, but the model {model} has {model_vocab_size} "
                              "embedding rows: it is another model's tokenizer; pass the model's own with "
                              "--tokenizer_path")
-    if ids < model_vocab_size:
-        log.info("The tokenizer has %d ids and the model %s %d embedding rows (padded): the last %d are never "
-                 "produced by encoding", ids, model, model_vocab_size, model_vocab_size - ids)
+    lacking = ids_beyond_tokenizer(tokenizer, model_vocab_size)
+    if lacking:
+        log.info("The tokenizer has %d ids and the model %s %d embedding rows (padded): %d ids of the model "
+                 "(%d..%d) cannot be decoded, and are never generated", tokenizer.vocab_size, model,
+                 model_vocab_size, len(lacking), lacking[0], lacking[-1])
+
+
+def ids_beyond_tokenizer(tokenizer: Tokenizer, model_vocab_size: int) -> list[int]:
+    """The model's ids the tokenizer has no token for, which generation must never produce; a stop id
+    among them stays (a config may name an end-of-text id past the tokenizer: it ends the text
+    before anything decodes it)."""
+    return [i for i in range(tokenizer.vocab_size, model_vocab_size) if i not in tokenizer.stop_ids]
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

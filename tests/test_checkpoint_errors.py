@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_hf_model, write_hf_folder, write_meta_folder
 from llama_int8 import Llama
+from llama_int8.engine import Engine, Request
 from llama_int8.formats import CheckpointError
-from llama_int8.tokenizer import TokenizerError
+from llama_int8.sampling import SamplingParams
+from llama_int8.tokenizer import TokenizerError, load_tokenizer
 
 
 def build(folder):
@@ -133,3 +137,73 @@ def test_bad_arguments(tmp_path, model, sp_model, kwargs, message):
     folder = write_hf_folder(model, tmp_path / "m", tokenizer=sp_model)
     with pytest.raises(ValueError, match=message):
         Llama.build(folder, **{"quant": "none", "device": "cpu", **kwargs})
+
+
+# --- Tokenizer files and a vocabulary padded past the tokenizer -------------------------------------
+
+def write_word_tokenizer(folder: Path, n_ids: int) -> Path:
+    """A tokenizer.json of n_ids words, w0 .. w{n_ids - 1}; BOS and EOS come from config.json."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    Tokenizer(WordLevel({f"w{i}": i for i in range(n_ids)}, unk_token="w0")).save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "generation_config.json"])
+@pytest.mark.parametrize("text, expected", [("{", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list")])
+def test_tokenizer_json_beside_the_tokenizer_that_is_no_json_object(tmp_path, model, name, text, expected):
+    folder = write_hf_folder(model, tmp_path / "m")
+    write_word_tokenizer(folder, 128)
+    (folder / name).write_text(text)
+    with pytest.raises(CheckpointError) as info:
+        build(folder)
+    assert info.type is CheckpointError and f"{folder / name}: {expected}" in str(info.value)
+
+
+def test_chat_template_that_is_not_utf8(tmp_path, model):
+    folder = write_hf_folder(model, tmp_path / "m")
+    write_word_tokenizer(folder, 128)
+    (folder / "chat_template.jinja").write_bytes(b"\xff\xfe{{ messages }}")
+    with pytest.raises(TokenizerError) as info:
+        build(folder)
+    assert info.type is TokenizerError and f"{folder / 'chat_template.jinja'}: expected UTF-8 text" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def padded_llm(tmp_path_factory, sp_model) -> Llama:
+    """A model of 160 embedding rows with the 128-id tokenizer, whose head favours the 32 rows the
+    tokenizer lacks: unmasked, greedy decoding would pick one of them at every step."""
+    padded = tiny_hf_model(seed=3, vocab_size=160)
+    with torch.no_grad():
+        padded.lm_head.weight[128:] *= 50
+    folder = write_hf_folder(padded, tmp_path_factory.mktemp("padded") / "m", tokenizer=sp_model)
+    return Llama.build(folder, quant="none", dtype="float32", device="cpu", max_seq_len=64, max_batch_size=2)
+
+
+def test_padded_vocabulary_is_said_in_one_line(tmp_path, sp_model, caplog):
+    folder = write_hf_folder(tiny_hf_model(seed=3, vocab_size=160), tmp_path / "m", tokenizer=sp_model)
+    with caplog.at_level(logging.INFO, logger="llama_int8.tokenizer"):
+        build(folder)
+    lines = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert lines == [f"The tokenizer has 128 ids and the model {folder} 160 embedding rows (padded): 32 ids of the "
+                     "model (128..159) cannot be decoded, and are never generated"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_ids_past_the_tokenizer_are_never_generated(padded_llm, temperature):
+    prompts = [[1, 5, 9, 14], [1, 30]]
+    generated = padded_llm.generate(prompts, max_gen_len=24, temperature=temperature, top_p=1.0, seed=0, stop_ids=())
+    assert all(len(g) == 24 for g in generated) and max(max(g) for g in generated) < 128
+    engine = Engine(padded_llm.model, padded_llm.tokenizer)
+    done = engine.run([Request([1, 5, 9], max_tokens=24, sampling=SamplingParams(temperature=temperature, seed=0))])
+    assert len(done[0].tokens) == 24 and max(done[0].tokens) < 128
+
+
+def test_decoding_an_id_past_the_tokenizer_is_refused(padded_llm, tmp_path):
+    tokenizers = [padded_llm.tokenizer, load_tokenizer(write_word_tokenizer(tmp_path, 128))]  # SentencePiece, HF
+    for tokenizer in tokenizers:
+        with pytest.raises(TokenizerError) as info:
+            tokenizer.decode([5, 150])
+        assert info.type is TokenizerError
+        assert "token ids [150] cannot be decoded: the tokenizer has ids 0..127 only" in str(info.value)
