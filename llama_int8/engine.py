@@ -198,6 +198,9 @@ class Engine:
         if model.prefill_chunk is not None:
             self.prefill_chunk = min(self.prefill_chunk, model.prefill_chunk)
         self.pair_lone_rows = model.batch_invariant
+        # Ids a prompt may hold: the model's embedding may be padded past the tokenizer, whose ids it
+        # cannot decode (and never generates).
+        self.vocab_size = min(model.args.vocab_size, tokenizer.vocab_size)
         self.slots: list[ActiveRequest | None] = [None] * model.max_batch_size
         self.waiting: deque[Handle] = deque()
         self.lock = threading.Condition()  # guards waiting and closed; notified when work arrives
@@ -223,7 +226,7 @@ class Engine:
         n = len(request.prompt)
         if n == 0:
             raise InvalidRequest("prompt", "prompt: expected at least one token, got none")
-        vocab = self.model.args.vocab_size
+        vocab = self.vocab_size
         if min(request.prompt) < 0 or max(request.prompt) >= vocab:
             raise InvalidRequest("prompt", f"prompt: token ids must be in [0, {vocab}), got "
                                            f"{min(request.prompt)}..{max(request.prompt)}")

@@ -427,7 +427,7 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
     async def detokenize(body: api.DetokenizeRequest) -> dict[str, Any]:
         log_unknown_fields(body, "/detokenize")
         engine = state.ready_engine()
-        vocab = engine.model.args.vocab_size
+        vocab = engine.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise ApiError(400, f"tokens: ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")

@@ -15,8 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from conftest import tiny_hf_model, write_hf_folder
+from llama_int8 import Llama
 from llama_int8.engine import Engine, Request
 from llama_int8.sampling import SamplingParams, next_tokens
 from llama_int8.server import ServerSettings, create_app
@@ -198,6 +200,17 @@ def test_text_that_is_not_valid_unicode_answers_400_naming_the_field(server, rou
     assert "lone surrogate" in error["message"] and error["type"] == "invalid_request_error"
 
 
+def test_ids_a_padded_model_has_but_its_tokenizer_lacks_are_refused(tmp_path, sp_model):
+    padded = write_hf_folder(tiny_hf_model(seed=3, vocab_size=160), tmp_path / "padded", tokenizer=sp_model)
+    llm = Llama.build(padded, quant="none", dtype="float32", device="cpu", max_seq_len=64, max_batch_size=2)
+    with running_server(create_app(ServerSettings(model_name=MODEL), lambda: llm)) as url:
+        wait_ready(url)
+        error = openai_error(post_raw(f"{url}/v1/completions", {"prompt": [[1, 150]], "max_tokens": 2}), 400, "prompt")
+        assert "[0, 128)" in error["message"]
+        openai_error(post_raw(f"{url}/detokenize", {"tokens": [5, 150]}), 400, "tokens")
+        assert post_raw(f"{url}/v1/completions", {"prompt": [[1, 127]], "max_tokens": 2}).status_code == 200
+
+
 # --- Limits and statuses -----------------------------------------------------------------------------
 
 def test_one_stop_string_of_any_length_is_one_stop_string(server):
@@ -275,3 +288,196 @@ def test_shutdown_ends_every_answer_in_flight_with_an_error_after_the_grace(tiny
         openai_error(results["plain"], 503, None, "shutting_down")
         assert proc.wait(30) == 0
 
+
+
+# --- Eight clients streaming while hostile requests arrive, then SIGTERM ----------------------------
+
+GOOD_PROMPTS = [*PROMPTS, "Once upon a time", "The rain in Spain"]
+FAULT_FLAGS = ["--quant", "none", "--dtype", "float32", "--max_batch_size", "8", "--max_seq_len", "2048",
+               "--prefill_chunk", "16", "--max_queue", "8"]
+HOSTILE = [  # (body or raw text, with the key?, status, param): one of every class the server can meet
+    ({"prompt": "x", "max_tokens": 4, "seed": 2**64}, True, 400, "seed"),
+    ({"prompt": "x", "max_tokens": 4, "seed": -(2**63) - 1}, True, 400, "seed"),
+    ({"prompt": "x", "max_tokens": 4, "temperature": 1, "repetition_penalty": 1e-300}, True, 400, "repetition_penalty"),
+    ({"prompt": "x\ud800", "max_tokens": 4}, True, 400, "prompt"),
+    ({"prompt": "x", "stop": ["s"] * 17}, True, 400, "stop"),
+    ({"prompt": ["x"] * 17, "max_tokens": 1}, True, 400, "prompt"),
+    ({"prompt": ["x", "y"], "n": 9, "max_tokens": 1}, True, 400, "n"),
+    ('{"prompt": "x",,}', False, 401, None),
+    ('{"prompt": "x",,}', True, 400, None),
+    ({"prompt": "x", "stream": "maybe"}, True, 400, "stream"),
+    ({"prompt": "x", "max_tokens": 10**9}, True, 400, "prompt"),
+    ({"prompt": [[10**20]], "max_tokens": 1}, True, 400, "prompt"),
+]
+
+
+def build_like_the_fault_server(folder: Path):
+    """The model the fault test's server loads, built the same way, for the answers alone."""
+    return Llama.build(folder, quant="none", dtype="float32", device="cpu", max_seq_len=2048, max_batch_size=8,
+                       prefill_chunk=16)
+
+
+async def stream_to_end(client: httpx.AsyncClient, url: str, body: dict) -> tuple[str, list[dict], float]:
+    """(text, parsed events, seconds) of a stream, read to its end whatever the end is."""
+    started, text, events = time.monotonic(), "", []
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers()) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                events.append({"done": True} if line == "data: [DONE]" else json.loads(line[6:]))
+                if "choices" in events[-1] and events[-1]["choices"]:
+                    text += events[-1]["choices"][0]["text"]
+    return text, events, time.monotonic() - started
+
+
+async def hostile_request(client: httpx.AsyncClient, url: str, body: dict | str, keyed: bool) -> httpx.Response:
+    await asyncio.sleep(0.05)
+    data = body if isinstance(body, str) else json.dumps(body)
+    return await client.post(f"{url}/v1/completions", content=data.encode(),
+                             headers={"content-type": "application/json", **(headers() if keyed else {})})
+
+
+def test_eight_streams_beside_hostile_requests_then_sigterm(tiny_folder):
+    reference = build_like_the_fault_server(tiny_folder)
+    grace = 2.0
+    with server_process(["--ckpt_dir", str(tiny_folder), *FAULT_FLAGS, "--shutdown_grace", str(grace)]) as (proc, url):
+        wait_ready(url, timeout=120)
+
+        async def good_and_hostile():
+            async with httpx.AsyncClient(timeout=120) as client:
+                good = [stream_to_end(client, url, {"prompt": p, "max_tokens": 48, "temperature": 0, "stream": True})
+                        for p in GOOD_PROMPTS]
+                bad = [hostile_request(client, url, body, keyed) for body, keyed, _, _ in HOSTILE]
+                return await asyncio.gather(*good, *bad)
+
+        results = asyncio.run(good_and_hostile())
+        streams, answers = results[:len(GOOD_PROMPTS)], results[len(GOOD_PROMPTS):]
+        for (body, _, status, param), response in zip(HOSTILE, answers):
+            openai_error(response, status, param)
+        for prompt, (text, events, _) in zip(GOOD_PROMPTS, streams):
+            assert events[-1] == {"done": True}
+            assert (text, events[-2]["choices"][0]["finish_reason"]) == alone(reference, prompt, 48)
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+        async def in_flight_at_sigterm():
+            async with httpx.AsyncClient(timeout=120) as client:
+                short = [stream_to_end(client, url, {"prompt": p, "max_tokens": 8, "stream": True})
+                         for p in GOOD_PROMPTS[:4]]
+                long = [stream_to_end(client, url, {"prompt": p, "max_tokens": 1900, "ignore_eos": True,
+                                                    "stream": True}) for p in GOOD_PROMPTS[4:]]
+                tasks = [asyncio.ensure_future(s) for s in short + long]
+                await asyncio.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        ends = asyncio.run(in_flight_at_sigterm())
+        for text, events, seconds in ends:
+            finished = events[-1] == {"done": True}
+            cut = events[-1].get("error", {}).get("code") == "shutting_down"
+            assert finished or cut, events[-1]
+            assert seconds < 0.3 + grace + 5
+        assert any(events[-1] == {"done": True} for _, events, _ in ends[:4])
+        assert all("error" in events[-1] for _, events, _ in ends[4:])  # 1900 tokens outlast the grace
+        assert proc.wait(30) == 0
+
+
+
+# --- Any body: no 500, the server healthy after each, every request answered ------------------------
+
+@pytest.fixture(scope="module")
+def short_server(tiny_folder):
+    """A server whose context is short, so that bodies asking for no limit finish quickly."""
+    llm = build_tiny(tiny_folder, slots=SLOTS, max_seq_len=64)
+    app = create_app(ServerSettings(model_name=MODEL, api_key=KEY, max_queue=QUEUE, max_body_bytes=64_000),
+                     lambda: llm)
+    with running_server(app) as url:
+        wait_ready(url)
+        yield url
+
+
+SCALARS = (st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats()
+           | st.text(max_size=12) | st.sampled_from(["\ud800", "a\udfffb"]))
+ANY_JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                           max_size=3), max_leaves=6)
+EDGE_NUMBERS = st.floats() | st.integers(-(2**70), 2**70) | st.sampled_from([1e-300, 1e-40, -0.0, 2.0000001, 5e-324])
+
+
+def mostly(valid: st.SearchStrategy) -> st.SearchStrategy:
+    """valid nine times in ten, else anything JSON holds or a number at float32's edges: bodies that
+    are wrong in one place beside bodies the server must answer."""
+    return st.integers(0, 9).flatmap(lambda k: valid if k else ANY_JSON | EDGE_NUMBERS)
+
+
+TEXT = st.text(max_size=30) | st.sampled_from(["\ud800", "caf\udce9", ""])
+TOKENS = st.lists(st.integers(0, 999), min_size=1, max_size=20)
+MESSAGE = st.fixed_dictionaries({
+    "role": mostly(st.sampled_from(["system", "developer", "user", "assistant"])),
+    "content": mostly(TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2))})
+DIALOG = st.tuples(st.lists(MESSAGE, max_size=2), st.fixed_dictionaries({"role": st.just("user"), "content": TEXT}))
+SAMPLING = {
+    "model": mostly(st.just(MODEL)), "max_tokens": mostly(st.integers(1, 40)),
+    "temperature": mostly(st.floats(0, 2)), "top_p": mostly(st.floats(0, 1, exclude_min=True)),
+    "seed": mostly(st.integers(-(2**63), 2**64 - 1)), "n": mostly(st.integers(1, 4)),
+    "stop": mostly(TEXT | st.lists(TEXT, max_size=3)), "stream": mostly(st.booleans()),
+    "stream_options": mostly(st.fixed_dictionaries({"include_usage": st.booleans()})),
+    "frequency_penalty": mostly(st.floats(-2, 2)), "presence_penalty": mostly(st.floats(-2, 2)),
+    "repetition_penalty": mostly(st.floats(0.5, 2)),
+    "logit_bias": mostly(st.dictionaries(st.integers(0, 999).map(str), st.floats(-100, 100), max_size=3)),
+    "ignore_eos": mostly(st.booleans()), "user": mostly(TEXT), "frobnicate": ANY_JSON,
+}
+CHAT_BODY = st.fixed_dictionaries({"messages": mostly(DIALOG.map(lambda d: [*d[0], d[1]]))}, optional={
+    **SAMPLING, "logprobs": mostly(st.booleans()), "top_logprobs": mostly(st.integers(0, 20)),
+    "max_completion_tokens": mostly(st.integers(1, 40))})
+COMPLETION_BODY = st.fixed_dictionaries({"prompt": mostly(TEXT | st.lists(TEXT, min_size=1, max_size=3) | TOKENS
+                                                          | st.lists(TOKENS, min_size=1, max_size=3))}, optional={
+    **SAMPLING, "logprobs": mostly(st.integers(0, 5)), "suffix": ANY_JSON})
+TOKENIZE_BODY = st.one_of(st.fixed_dictionaries({"prompt": mostly(TEXT)}, optional={"add_special_tokens": mostly(st.booleans())}),
+                          st.fixed_dictionaries({"messages": mostly(DIALOG.map(lambda d: [*d[0], d[1]]))}))
+BODIES = (st.tuples(st.just("/v1/chat/completions"), CHAT_BODY) | st.tuples(st.just("/v1/completions"), COMPLETION_BODY)
+          | st.tuples(st.just("/tokenize"), TOKENIZE_BODY)
+          | st.tuples(st.just("/detokenize"), st.fixed_dictionaries({"tokens": mostly(TOKENS)})))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(BODIES)
+def test_no_body_gets_a_500_or_goes_unanswered(short_server, route_and_body):
+    route, body = route_and_body
+    data = json.dumps(body)  # NaN and Infinity as Python writes them: clients do send them
+    with httpx.stream("POST", f"{short_server}{route}", content=data.encode(), timeout=60,
+                      headers={"content-type": "application/json", **headers()}) as response:
+        raw = response.read().decode()
+    event(f"{route} {response.status_code}")
+    assert response.status_code in (200, 400, 404), (response.status_code, raw)
+    if response.status_code != 200:
+        assert set(json.loads(raw)["error"]) == {"message", "type", "param", "code"}
+    elif response.headers["content-type"].startswith("text/event-stream"):
+        assert raw.endswith("data: [DONE]\n\n"), raw[-300:]
+    else:
+        json.loads(raw)
+    assert httpx.get(f"{short_server}/health").json() == {"status": "ok"}
+
+
+# --- The batch runner meets the same lines ----------------------------------------------------------
+
+def test_batch_lines_with_values_beyond_the_engine_get_errors_and_the_run_goes_on(tiny_folder, tiny_llm, tmp_path):
+    from llama_int8 import batch
+    from llama_int8.flags import run_cli
+
+    lines = [{"id": "good", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0},
+             {"id": "seed", "prompt": "x", "seed": 2**64},
+             {"id": "penalty", "prompt": "x", "repetition_penalty": 1e-300, "temperature": 1},
+             {"id": "text", "prompt": "x\ud800"},
+             {"id": "stops", "prompt": "x", "stop": ["s"] * 17},
+             {"id": "also-good", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0}]
+    requests, results = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    flags = ["--ckpt_dir", str(tiny_folder), "--quant", "none", "--dtype", "float32", "--max_seq_len", "512",
+             "--max_batch_size", str(SLOTS), "--prefill_chunk", "16", "--input", str(requests), "--output", str(results)]
+    for _ in range(2):  # the rerun skips what is answered: no line kills it
+        run_cli(batch.build_parser(), batch.main, flags)
+        answered = {r["id"]: r for r in map(json.loads, results.read_text().splitlines())}
+        assert len(answered) == len(lines)
+    params = {i: answered[i]["error"]["param"] for i in ("seed", "penalty", "text", "stops")}
+    assert params == {"seed": "seed", "penalty": "repetition_penalty", "text": "prompt", "stops": "stop"}
+    for i, prompt in (("good", PROMPTS[0]), ("also-good", PROMPTS[1])):
+        assert answered[i]["text"] == alone(tiny_llm, prompt, 6)[0]
