@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # fraction of a second per step on a CPU.
 DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_MAX_QUEUE = 64
+# Most positions a scored prompt prefills in one step: their logits are what a step keeps.
+SCORED_CHUNK = 256
 
 
 class QueueFull(RuntimeError):
@@ -70,7 +72,9 @@ class ContextLengthExceeded(InvalidRequest):
 class Request:
     """One completion to generate. max_tokens counts generated tokens (a stop token included);
     stop_ids end the completion without being part of it, as do stop_strings (never shown).
-    logprobs: None for none, else how many likeliest alternatives to report with each token."""
+    logprobs: None for none, else how many likeliest alternatives to report with each token.
+    prompt_logprobs: the same for the prompt's tokens (scoring); a scored request may ask for
+    max_tokens 0, and is then done once its prompt is prefilled."""
 
     prompt: Sequence[int]
     max_tokens: int
@@ -78,6 +82,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,9 @@ class TokenLogprob:
 class Output:
     """What one step produced for one request: new text (safe to show), the new tokens of the
     completion, their log-probabilities when asked, and finish_reason once it ended: "stop" (a stop
-    token or string), "length" (max_tokens), "cancelled" or "error"."""
+    token or string), "length" (max_tokens), "cancelled" or "error". A request that scores its
+    prompt gets prompt_logprobs once, in an output of their own before any generated token: one
+    per prompt token, None for the first (nothing comes before it)."""
 
     text: str
     tokens: tuple[int, ...]
@@ -101,6 +108,7 @@ class Output:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 @dataclass
@@ -113,11 +121,13 @@ class Completion:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
     def add(self, out: Output) -> None:
         self.text += out.text
         self.tokens += out.tokens
         self.logprobs += out.logprobs
+        self.prompt_logprobs += out.prompt_logprobs
         self.finish_reason = out.finish_reason
         self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
 
@@ -149,6 +159,8 @@ class ActiveRequest:
         self.tokens = list(request.prompt)
         self.n_prompt = len(self.tokens)
         self.cached = 0  # tokens whose keys and values are in the cache row
+        # The prompt's log-probabilities so far, when asked: nothing predicts the first token.
+        self.prompt_scores: list[TokenLogprob | None] | None = None if request.prompt_logprobs is None else [None]
         self.generator = torch.Generator(device=device)
         if request.sampling.seed is None:
             self.generator.seed()
@@ -230,15 +242,18 @@ class Engine:
         if min(request.prompt) < 0 or max(request.prompt) >= vocab:
             raise InvalidRequest("prompt", f"prompt: token ids must be in [0, {vocab}), got "
                                            f"{min(request.prompt)}..{max(request.prompt)}")
-        if request.max_tokens < 1:
-            raise InvalidRequest("max_tokens", f"max_tokens: expected >= 1, got {request.max_tokens}")
+        least = 0 if request.prompt_logprobs is not None else 1  # scoring alone generates nothing
+        if request.max_tokens < least:
+            raise InvalidRequest("max_tokens", f"max_tokens: expected >= {least}, got {request.max_tokens}")
         if n + request.max_tokens > self.max_seq_len:
             raise ContextLengthExceeded(
                 "prompt", f"This model's maximum context length is {self.max_seq_len} tokens. However, you "
                 f"requested {n + request.max_tokens} tokens ({n} in the prompt, {request.max_tokens} in the "
                 "completion). Please reduce the length of the prompt or of the completion.")
-        if request.logprobs is not None and not 0 <= request.logprobs <= vocab:
-            raise InvalidRequest("logprobs", f"logprobs: expected 0..{vocab} alternatives, got {request.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            alternatives = getattr(request, name)
+            if alternatives is not None and not 0 <= alternatives <= vocab:
+                raise InvalidRequest(name, f"{name}: expected 0..{vocab} alternatives, got {alternatives}")
         biased = [t for t, _ in request.sampling.logit_bias if not 0 <= t < vocab]
         if biased:
             raise InvalidRequest("logit_bias", f"logit_bias: token ids must be in [0, {vocab}), got {biased[:5]}")
@@ -278,8 +293,10 @@ class Engine:
         budget = self.prefill_chunk
         for seq in sorted((s for s in self.slots if s is not None and s.prefilling), key=lambda s: s.handle.id):
             # Whole chunks of the request's own prompt: where its chunks start must not depend on
-            # the requests beside it, or its logits would round differently.
-            n = min(self.prefill_chunk, seq.n_prompt - seq.cached)
+            # the requests beside it, or its logits would round differently. A scored prompt's chunks
+            # are bounded so that their logits stay small (4k positions of a 128k vocabulary: 2 GB).
+            chunk = self.prefill_chunk if seq.prompt_scores is None else min(self.prefill_chunk, SCORED_CHUNK)
+            n = min(chunk, seq.n_prompt - seq.cached)
             if n > budget:
                 break
             self.prefill(seq, n)
@@ -316,12 +333,38 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, seq: ActiveRequest, n: int) -> None:
-        """Prefill the next n prompt tokens of seq (one forward); sample its first token after the last."""
-        chunk = torch.tensor([seq.tokens[seq.cached:seq.cached + n]], device=self.model.device)
-        logits = self.model(chunk, seq.cached, last_only=True, cache_rows=[seq.row])[:, -1]  # [1, vocab]
+        """Prefill the next n prompt tokens of seq (one forward), scoring them when asked; sample its
+        first token after the last."""
+        start = seq.cached
+        chunk = torch.tensor([seq.tokens[start:start + n]], device=self.model.device)
+        scoring = seq.prompt_scores is not None
+        logits = self.model(chunk, start, last_only=not scoring, cache_rows=[seq.row])[0]  # [n or 1, vocab]
         seq.cached += n
-        if not seq.prefilling:
-            self.advance([seq], logits)
+        if scoring:
+            targets = seq.tokens[start + 1:min(start + n + 1, seq.n_prompt)]  # what each position predicts
+            seq.prompt_scores += self.score(logits[:len(targets)], targets, seq.request.prompt_logprobs)
+        if seq.prefilling:
+            return
+        if scoring:
+            self.report_prompt_scores(seq)
+        if self.slots[seq.row] is seq:
+            self.advance([seq], logits[-1:])
+
+    @staticmethod
+    def score(logits: torch.Tensor, targets: list[int], alternatives: int) -> list[TokenLogprob]:
+        """The log-probabilities of targets [m] under logits [m, vocab], and the likeliest alternatives'."""
+        if not targets:
+            return []
+        chosen, values, ids = top_logprobs(logits, torch.tensor(targets, device=logits.device), alternatives)
+        return [TokenLogprob(t, lp, tuple(zip(i, v))) for t, lp, i, v in
+                zip(targets, chosen.tolist(), ids.tolist(), values.tolist())]
+
+    def report_prompt_scores(self, seq: ActiveRequest) -> None:
+        """Send the prompt's scores; a request that asked for no generated token ends with them."""
+        done = seq.request.max_tokens == 0
+        if done:
+            self.slots[seq.row] = None
+        seq.handle.on_output(Output("", (), (), "length" if done else None, seq.n_prompt, 0, tuple(seq.prompt_scores)))
 
     @torch.inference_mode()
     def decode(self, seqs: list[ActiveRequest]) -> None:
