@@ -87,11 +87,13 @@ class Request:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability under the model, and the likeliest alternatives'."""
+    """A token's log-probability under the model, and the likeliest alternatives'; a prompt token's
+    rank too (1: the likeliest)."""
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -355,9 +357,11 @@ class Engine:
         """The log-probabilities of targets [m] under logits [m, vocab], and the likeliest alternatives'."""
         if not targets:
             return []
-        chosen, values, ids = top_logprobs(logits, torch.tensor(targets, device=logits.device), alternatives)
-        return [TokenLogprob(t, lp, tuple(zip(i, v))) for t, lp, i, v in
-                zip(targets, chosen.tolist(), ids.tolist(), values.tolist())]
+        tokens = torch.tensor(targets, device=logits.device)
+        chosen, values, ids = top_logprobs(logits, tokens, alternatives)
+        ranks = (logits > logits.gather(-1, tokens[:, None])).sum(-1) + 1  # [m]: the log-softmax keeps the order
+        return [TokenLogprob(t, lp, tuple(zip(i, v)), r) for t, lp, i, v, r in
+                zip(targets, chosen.tolist(), ids.tolist(), values.tolist(), ranks.tolist())]
 
     def report_prompt_scores(self, seq: ActiveRequest) -> None:
         """Send the prompt's scores; a request that asked for no generated token ends with them."""

@@ -59,7 +59,7 @@ class GenerationFields(OpenAIBody):
     """What chat and legacy completions share."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (serving.py)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: PositiveFloat32 = Field(1.0, gt=0, le=1)
     stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
@@ -72,6 +72,7 @@ class GenerationFields(OpenAIBody):
     repetition_penalty: PositiveFloat32 = Field(1.0, gt=0, le=10)
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a string in JSON)
     ignore_eos: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: score the prompt, with N alternatives
     user: str | None = None  # OpenAI's end-user id: accepted, unused
 
     @property
@@ -208,10 +209,12 @@ def sampling_params(body: GenerationFields, choice: int = 0) -> SamplingParams:
 
 
 def engine_request(body: GenerationFields, prompt: list[int], max_tokens: int, stop_ids: frozenset[int],
-                   alternatives: int | None, choice: int = 0) -> Request:
-    """The engine request of one choice: the tokenizer's stop_ids end it unless the body ignores EOS."""
+                   alternatives: int | None, choice: int = 0, prompt_alternatives: int | None = None) -> Request:
+    """The engine request of one choice: the tokenizer's stop_ids end it unless the body ignores EOS;
+    prompt_alternatives not None scores the prompt too."""
     stops = frozenset() if body.ignore_eos else stop_ids
-    return Request(prompt, max_tokens, sampling_params(body, choice), stops, body.stop_strings, alternatives)
+    return Request(prompt, max_tokens, sampling_params(body, choice), stops, body.stop_strings, alternatives,
+                   prompt_alternatives)
 
 
 # --- Responses ---------------------------------------------------------------------------------------
@@ -253,17 +256,36 @@ def chat_logprob_entries(tokenizer: Tokenizer, logprobs: tuple[TokenLogprob, ...
 
 
 def completion_logprobs(tokenizer: Tokenizer, logprobs: tuple[TokenLogprob, ...] | list[TokenLogprob],
-                        text_offset: int) -> dict[str, Any]:
-    """Legacy completions' `logprobs`: parallel lists of tokens, their log-probabilities, the
-    likeliest alternatives as {token: logprob}, and where each token's text starts."""
-    tokens = [token_text(tokenizer, lp.token) for lp in logprobs]
+                        texts: list[str], text_offset: int) -> dict[str, Any]:
+    """Legacy completions' `logprobs`: parallel lists of tokens (texts: each one's share of the text),
+    their log-probabilities, the likeliest alternatives as {token: logprob}, and where each token's
+    text starts."""
     offsets = []
-    for text in tokens:
+    for text in texts:
         offsets.append(text_offset)
         text_offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+    return {"tokens": list(texts), "token_logprobs": [lp.logprob for lp in logprobs],
             "top_logprobs": [{token_text(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
             "text_offset": offsets}
+
+
+def prompt_logprobs_legacy(tokenizer: Tokenizer, texts: list[str], scores: list[TokenLogprob | None] | tuple,
+                           alternatives: int) -> dict[str, Any]:
+    """An echoed prompt's part of legacy `logprobs`: its tokens' texts (which join into the prompt),
+    their log-probabilities and alternatives, null for the first token, offsets from 0."""
+    offsets, at = [], 0
+    for text in texts:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": list(texts), "token_logprobs": [None if s is None else s.logprob for s in scores],
+            "top_logprobs": [None if s is None else {token_text(tokenizer, t): v for t, v in s.top[:alternatives]}
+                             for s in scores],
+            "text_offset": offsets}
+
+
+def joined_logprobs(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """Two parts of legacy `logprobs` (an echoed prompt's, the completion's) as one."""
+    return {key: first[key] + then[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 def chat_chunk(ids: ResponseIds, index: int, delta: dict[str, Any], finish_reason: str | None,

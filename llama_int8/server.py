@@ -39,8 +39,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import openai_api as api
-from .engine import DEFAULT_MAX_QUEUE, Completion, ContextLengthExceeded, Engine, EngineThread, InvalidRequest, Output, \
-    QueueFull, Request
+from .engine import DEFAULT_MAX_QUEUE, Completion, Engine, EngineThread, Output
+from .serving import ApiError, Job, Serving, Stream
 
 log = logging.getLogger("llama_int8.server")
 
@@ -63,16 +63,8 @@ class ServerSettings:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(api.error_body(self.message, self.type, self.param, self.code), status_code=self.status)
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
 
 
 # --- Metrics ---------------------------------------------------------------------------------------
@@ -126,11 +118,10 @@ class ServerState:
         self.settings = settings
         self.on_load_failure = on_load_failure
         self.engine: Engine | None = None
+        self.serving: Serving | None = None
         self.engine_thread: EngineThread | None = None
         self.stopping: threading.Thread | None = None
         self.stopping_lock = threading.Lock()
-        self.tokenizer = None
-        self.encode_dialog: Callable[[list[dict[str, str]]], list[int]] | None = None
         self.metrics = Metrics(lambda: self.engine.running if self.engine else 0,
                                lambda: self.engine.queued if self.engine else 0)
 
@@ -141,7 +132,7 @@ class ServerState:
         except Exception as e:  # reported to the process, which exits: a server without a model is useless
             self.on_load_failure(e)
             return
-        self.tokenizer, self.encode_dialog = llm.tokenizer, llm.encode_dialog
+        self.serving = Serving(engine, llm.encode_dialog, self.settings.model_name)
         self.engine_thread = EngineThread(engine)
         self.engine_thread.start()
         self.engine = engine
@@ -161,41 +152,30 @@ class ServerState:
         if self.engine_thread is not None:
             self.engine_thread.stop(self.settings.shutdown_grace)
 
-    def ready_engine(self) -> Engine:
-        if self.engine is None:
+    def ready(self) -> Serving:
+        if self.serving is None or self.engine is None:
             raise ApiError(503, "the model is still loading; retry when /health answers 200", "service_unavailable",
                            code="model_loading")
-        return self.engine
+        return self.serving
 
 
 # --- One HTTP request's generations ------------------------------------------------------------------
 
 class Generation:
-    """The engine requests of one HTTP request, their outputs brought to the event loop in order."""
+    """The engine requests of one job, their outputs brought to the event loop in order."""
 
-    def __init__(self, state: ServerState, requests: list[Request], arrived: float, param: str,
-                 count_param: str | None = None):
+    def __init__(self, state: ServerState, job: Job, arrived: float):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
-        timers = [RequestTimer(state.metrics, arrived) for _ in requests]
+        timers = [RequestTimer(state.metrics, arrived) for _ in job.requests]
 
         def on_output(i: int, out: Output) -> None:  # called in the engine's thread
             timers[i].observe(out)
             loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
 
-        try:
-            self.handles = state.ready_engine().submit(requests, on_output)
-        except QueueFull as e:
-            raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from e
-        except ContextLengthExceeded as e:
-            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
-        except InvalidRequest as e:  # "requests": more than the server can ever hold, which n or prompt asked for
-            field = {"prompt": param, "requests": count_param or param}.get(e.field, e.field)
-            raise ApiError(400, str(e), param=field) from e
-        except RuntimeError as e:
-            raise ApiError(503, str(e), "service_unavailable", code="shutting_down") from e
-        state.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
-        self.remaining = len(requests)
+        self.handles = state.ready().submit(job, on_output)
+        state.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in job.requests))
+        self.remaining = len(job.requests)
 
     async def outputs(self) -> AsyncIterator[tuple[int, Output]]:
         """(request index, output) until every request has ended."""
@@ -234,22 +214,6 @@ async def collect_unless_disconnected(http: HTTPRequest, gen: Generation) -> lis
         gen.cancel()
 
 
-def failure_of(results: list[Completion]) -> ApiError | None:
-    """The error to answer when a request ended without finishing (shutdown, a failed step)."""
-    reasons = {r.finish_reason for r in results}
-    if "error" in reasons:
-        return ApiError(500, "generation failed; see the server's log", "server_error", code="generation_failed")
-    if "cancelled" in reasons:
-        return ApiError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
-    return None
-
-
-def stream_error_event(out: Output) -> ServerSentEvent:
-    """An error inside a stream that has started (its status line is long sent)."""
-    error = failure_of([Completion(finish_reason=out.finish_reason)])
-    return event(api.error_body(error.message, error.type, code=error.code))
-
-
 # OpenAI ends each event with a blank line of "\n"; sse-starlette's default is "\r\n".
 SSE_LINE_END = "\n"
 
@@ -260,41 +224,12 @@ def event(data: dict[str, Any] | str) -> ServerSentEvent:
     return ServerSentEvent(data=text, sep=SSE_LINE_END)
 
 
-# --- Building engine requests ------------------------------------------------------------------------
-
-def engine_requests(state: ServerState, prompts: list[list[int]], body: api.GenerationFields, max_tokens: int | None,
-                    default_max_tokens: int | None, alternatives: int | None, param: str) -> list[Request]:
-    """body.n requests per prompt (seeded seed, seed + 1, ... when a seed is given); max_tokens None
-    takes default_max_tokens, or what the context leaves when that is None too."""
-    requests = []
-    for prompt in prompts:
-        limit = max_tokens or default_max_tokens or state.ready_engine().max_seq_len - len(prompt)
-        if limit < 1:
-            raise ApiError(400, f"This model's maximum context length is {state.ready_engine().max_seq_len} tokens; "
-                                f"the prompt alone has {len(prompt)}", param=param, code="context_length_exceeded")
-        requests += [api.engine_request(body, prompt, limit, state.tokenizer.stop_ids, alternatives, j)
-                     for j in range(body.n)]
-    return requests
-
-
-def completion_prompts(state: ServerState, body: api.CompletionRequest) -> list[list[int]]:
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise ApiError(400, "prompt: expected text, a list of texts or token ids, got an empty list", param="prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return [state.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompt]
-
+# --- Routes ------------------------------------------------------------------------------------------
 
 def log_unknown_fields(body: api.OpenAIBody, endpoint: str) -> None:
     unknown = api.unknown_fields(body)
     if unknown:
         log.debug("%s: ignoring unknown field(s) %s", endpoint, ", ".join(unknown))
-
-
-# --- Routes ------------------------------------------------------------------------------------------
 
 class ApiKeyCheck:
     """ASGI middleware requiring `Authorization: Bearer <api_key>` on every route but /health, before
@@ -311,8 +246,8 @@ class ApiKeyCheck:
         if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS or self.authorized(scope):
             await self.app(scope, receive, send)
             return
-        await ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
-                       code="invalid_api_key").response()(scope, receive, send)
+        await error_response(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                      "authentication_error", code="invalid_api_key"))(scope, receive, send)
 
     def authorized(self, scope: Scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -358,138 +293,69 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
     async def chat_completions(body: api.ChatCompletionRequest, http: HTTPRequest) -> Any:
         arrived = time.monotonic()
         log_unknown_fields(body, "/v1/chat/completions")
-        check_model(body.model, settings.model_name)
-        state.ready_engine()
-        try:
-            prompt = state.encode_dialog(body.dialog)
-        except ValueError as e:
-            raise ApiError(400, str(e), param="messages") from e
-        requests = engine_requests(state, [prompt], body, body.completion_limit, None, body.alternatives, "messages")
-        gen = Generation(state, requests, arrived, "messages", "n")
-        ids = api.ResponseIds("chatcmpl", settings.model_name)
-        if body.stream:
-            return EventSourceResponse(chat_events(state, gen, ids, body, len(prompt)), sep=SSE_LINE_END,
-                                       shutdown_grace_period=settings.shutdown_grace + SHUTDOWN_MARGIN)
-        results = await collect_unless_disconnected(http, gen)
-        if results is None:
-            return Response(status_code=499)  # nobody reads it
-        if (error := failure_of(results)) is not None:
-            raise error
-        choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                    "logprobs": None if body.alternatives is None
-                    else {"content": api.chat_logprob_entries(state.tokenizer, r.logprobs)},
-                    "finish_reason": r.finish_reason} for i, r in enumerate(results)]
-        return api.chat_response(ids, choices, len(prompt), sum(r.completion_tokens for r in results))
+        return await answer(state, state.ready().chat(body), http, arrived)
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest, http: HTTPRequest) -> Any:
         arrived = time.monotonic()
         log_unknown_fields(body, "/v1/completions")
-        check_model(body.model, settings.model_name)
-        state.ready_engine()
-        if body.echo or body.suffix:
-            raise ApiError(400, f"{'echo' if body.echo else 'suffix'}: not supported by this server",
-                           param="echo" if body.echo else "suffix")
-        prompts = completion_prompts(state, body)
-        requests = engine_requests(state, prompts, body, body.max_tokens, api.COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                   body.logprobs, "prompt")
-        gen = Generation(state, requests, arrived, "prompt", "n" if body.n > 1 else "prompt")
-        ids = api.ResponseIds("cmpl", settings.model_name)
-        prompt_tokens = sum(len(p) for p in prompts)
-        if body.stream:
-            return EventSourceResponse(completion_events(state, gen, ids, body, prompt_tokens), sep=SSE_LINE_END,
-                                       shutdown_grace_period=settings.shutdown_grace + SHUTDOWN_MARGIN)
-        results = await collect_unless_disconnected(http, gen)
-        if results is None:
-            return Response(status_code=499)
-        if (error := failure_of(results)) is not None:
-            raise error
-        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
-                    "logprobs": None if body.logprobs is None
-                    else api.completion_logprobs(state.tokenizer, r.logprobs, 0)} for i, r in enumerate(results)]
-        return api.completion_response(ids, choices, prompt_tokens, sum(r.completion_tokens for r in results))
+        return await answer(state, state.ready().completion(body), http, arrived)
 
     @app.post("/tokenize")
     async def tokenize(body: api.TokenizeRequest) -> dict[str, Any]:
         log_unknown_fields(body, "/tokenize")
-        engine = state.ready_engine()
+        serving = state.ready()
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "expected exactly one of prompt and messages", param="prompt")
         try:
-            tokens = (state.tokenizer.encode(body.prompt, bos=body.add_special_tokens, eos=False)
+            tokens = (serving.tokenizer.encode(body.prompt, bos=body.add_special_tokens, eos=False)
                       if body.prompt is not None else
-                      state.encode_dialog(api.ChatCompletionRequest(messages=body.messages).dialog))
+                      serving.encode_dialog(api.ChatCompletionRequest(messages=body.messages).dialog))
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_seq_len}
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.engine.max_seq_len}
 
     @app.post("/detokenize")
     async def detokenize(body: api.DetokenizeRequest) -> dict[str, Any]:
         log_unknown_fields(body, "/detokenize")
-        engine = state.ready_engine()
-        vocab = engine.vocab_size
+        serving = state.ready()
+        vocab = serving.engine.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise ApiError(400, f"tokens: ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
-        return {"prompt": state.tokenizer.decode(body.tokens)}
+        return {"prompt": serving.tokenizer.decode(body.tokens)}
 
     return app
 
 
-def check_model(requested: str | None, served: str) -> None:
-    if requested is not None and requested != served:
-        raise ApiError(404, f"model: {requested!r} is not served here; /v1/models lists {served!r}", param="model",
-                       code="model_not_found")
+async def answer(state: ServerState, job: Job, http: HTTPRequest, arrived: float) -> Any:
+    """A job's answer: a stream of server-sent events, or the whole response once every request ended."""
+    gen = Generation(state, job, arrived)
+    serving = state.ready()
+    if job.body.stream:
+        grace = state.settings.shutdown_grace + SHUTDOWN_MARGIN
+        return EventSourceResponse(events(gen, serving.stream(job)), sep=SSE_LINE_END, shutdown_grace_period=grace)
+    results = await collect_unless_disconnected(http, gen)
+    if results is None:
+        return Response(status_code=499)  # nobody reads it
+    return serving.response(job, results)
 
 
-async def chat_events(state: ServerState, gen: Generation, ids: api.ResponseIds, body: api.ChatCompletionRequest,
-                      prompt_tokens: int) -> AsyncIterator[ServerSentEvent]:
-    """A chat stream as OpenAI's clients expect it: per choice a first chunk with the role, content
-    chunks, a chunk with an empty delta and the finish reason; then the usage chunk when asked, then [DONE]."""
-    usage = body.include_usage
-    completion_tokens = 0
+async def events(gen: Generation, stream: Stream) -> AsyncIterator[ServerSentEvent]:
+    """A stream as OpenAI's clients expect it: chunks as the outputs come (a chat's first chunk per
+    choice carries the role, its last an empty delta and the finish reason), the usage chunk when
+    asked, then [DONE]; an error event instead where a request ended without finishing."""
     try:
-        for i in range(len(gen.handles)):
-            yield event(api.chat_chunk(ids, i, {"role": "assistant", "content": ""}, None, usage))
+        for chunk in stream.start():
+            yield event(chunk)
         async for i, out in gen.outputs():
-            if out.finish_reason in ("cancelled", "error"):
-                yield stream_error_event(out)
+            if stream.failed(out):
+                yield event(stream.error(out))
                 return
-            if out.text or out.logprobs:
-                logprobs = (None if body.alternatives is None
-                            else {"content": api.chat_logprob_entries(state.tokenizer, out.logprobs)})
-                yield event(api.chat_chunk(ids, i, {"content": out.text}, None, usage, logprobs))
-            if out.finish_reason is not None:
-                completion_tokens += out.completion_tokens
-                yield event(api.chat_chunk(ids, i, {}, out.finish_reason, usage))
-        if usage:
-            yield event(api.usage_chunk(ids, "chat.completion.chunk", prompt_tokens, completion_tokens))
-        yield event("[DONE]")
-    finally:
-        gen.cancel()
-
-
-async def completion_events(state: ServerState, gen: Generation, ids: api.ResponseIds, body: api.CompletionRequest,
-                            prompt_tokens: int) -> AsyncIterator[ServerSentEvent]:
-    """A legacy completions stream: text chunks per choice, a last one with the finish reason, the
-    usage chunk when asked, then [DONE]."""
-    usage = body.include_usage
-    completion_tokens = 0
-    offsets = [0] * len(gen.handles)
-    try:
-        async for i, out in gen.outputs():
-            if out.finish_reason in ("cancelled", "error"):
-                yield stream_error_event(out)
-                return
-            logprobs = (None if body.logprobs is None
-                        else api.completion_logprobs(state.tokenizer, out.logprobs, offsets[i]))
-            offsets[i] += len(out.text)
-            if out.finish_reason is not None:
-                completion_tokens += out.completion_tokens
-            if out.text or out.logprobs or out.finish_reason is not None:
-                yield event(api.completion_chunk(ids, i, out.text, out.finish_reason, usage, logprobs))
-        if usage:
-            yield event(api.usage_chunk(ids, "text_completion", prompt_tokens, completion_tokens))
+            for chunk in stream.chunks(i, out):
+                yield event(chunk)
+        for chunk in stream.end():
+            yield event(chunk)
         yield event("[DONE]")
     finally:
         gen.cancel()
@@ -502,16 +368,16 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(_: HTTPRequest, e: ApiError) -> JSONResponse:
-        return e.response()
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def bad_field(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
         param, message = api.first_invalid_field(e.errors())
-        return ApiError(400, message, param=param).response()
+        return error_response(ApiError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
-        return ApiError(e.status_code, str(e.detail)).response()
+        return error_response(ApiError(e.status_code, str(e.detail)))
 
 
 class BodySizeLimit:
@@ -556,5 +422,5 @@ class BodySizeLimit:
                 raise
 
     def too_large(self) -> JSONResponse:
-        return ApiError(413, f"the request body is over the limit of {self.max_bytes} bytes",
-                        code="request_too_large").response()
+        return error_response(ApiError(413, f"the request body is over the limit of {self.max_bytes} bytes",
+                                       code="request_too_large"))

@@ -72,3 +72,117 @@ def test_max_tokens_zero_is_for_scoring_only(llm):
         engine.check(Request([1, 5, 9], 0, GREEDY))
     with pytest.raises(InvalidRequest, match="prompt_logprobs: expected 0..128"):
         engine.check(Request([1, 5, 9], 0, GREEDY, prompt_logprobs=129))
+
+
+# --- Through the server: echo, max_tokens 0, prompt_logprobs ------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(llm):
+    from llama_int8.server import ServerSettings, create_app
+    from test_serve import running_server, wait_ready
+
+    with running_server(create_app(ServerSettings(model_name="tiny"), lambda: llm)) as url:
+        wait_ready(url)
+        yield url
+
+
+def complete(url: str, **body) -> dict:
+    import httpx
+
+    response = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "temperature": 0, **body}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def streamed(url: str, **body) -> list[dict]:
+    import json
+
+    import httpx
+
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "tiny", "temperature": 0, "stream": True,
+                                                              **body}, timeout=60) as response:
+        return [json.loads(line[6:]) for line in response.iter_lines()
+                if line.startswith("data: {")]
+
+
+def check_echo_shape(logprobs: dict, text: str) -> None:
+    """Tokens re-join into the text, and each text_offset is where its token starts."""
+    assert "".join(logprobs["tokens"]) == text
+    at = 0
+    for token, offset in zip(logprobs["tokens"], logprobs["text_offset"]):
+        assert offset == at
+        at += len(token)
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(server, llm, hf_model):
+    prompt = "The quick brown fox jumps over the lazy dog."
+    choice = complete(server, prompt=prompt, echo=True, logprobs=2, max_tokens=0)["choices"][0]
+    tokens = llm.tokenizer.encode(prompt, bos=True, eos=False)
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    check_echo_shape(lp, prompt)
+    assert len(lp["tokens"]) == len(tokens) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    reference = reference_scores(hf_model, tokens)
+    assert torch.allclose(torch.tensor(lp["token_logprobs"][1:]), reference, atol=1e-4, rtol=0)
+    assert all(len(top) <= 2 and max(top.values()) >= lp["token_logprobs"][k + 1] - 1e-6
+               for k, top in enumerate(lp["top_logprobs"][1:]))
+
+
+def test_echo_then_generated_tokens_and_streamed_the_same(server):
+    prompt = "A journey of a thousand miles"
+    whole = complete(server, prompt=prompt, echo=True, logprobs=1, max_tokens=5)["choices"][0]
+    plain = complete(server, prompt=prompt, max_tokens=5, logprobs=1)["choices"][0]
+    assert whole["text"] == prompt + plain["text"]
+    lp = whole["logprobs"]
+    check_echo_shape(lp, whole["text"])
+    assert lp["tokens"][-5:] == plain["logprobs"]["tokens"] and lp["token_logprobs"][-5:] == plain["logprobs"][
+        "token_logprobs"]
+    chunks = [c["choices"][0] for c in streamed(server, prompt=prompt, echo=True, logprobs=1, max_tokens=5)]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    joined = {key: sum((c["logprobs"][key] for c in chunks), []) for key in lp}
+    assert joined == lp
+    echo_only = complete(server, prompt=[prompt, "Numbers"], echo=True, max_tokens=2)["choices"]
+    assert [c["text"][:len(p)] for c, p in zip(echo_only, [prompt, "Numbers"])] == [prompt, "Numbers"]
+
+
+def test_max_tokens_zero_without_scoring_is_refused(server):
+    import httpx
+
+    response = httpx.post(f"{server}/v1/completions", json={"prompt": "a", "max_tokens": 0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+
+
+def test_prompt_logprobs_as_vllm_spells_them(server, llm, hf_model):
+    import httpx
+
+    prompt = "To be or not to be"
+    tokens = llm.tokenizer.encode(prompt, bos=True, eos=False)
+    choice = complete(server, prompt=prompt, max_tokens=1, prompt_logprobs=2)["choices"][0]
+    scores = choice["prompt_logprobs"]
+    assert len(scores) == len(tokens) and scores[0] is None
+    reference = reference_scores(hf_model, tokens)
+    for k, (token, entry) in enumerate(zip(tokens[1:], scores[1:])):
+        own = entry[str(token)]
+        assert abs(own["logprob"] - reference[k].item()) < 1e-4 and own["rank"] >= 1
+        assert len(entry) in (2, 3) and all(e["rank"] in (1, 2) for t, e in entry.items() if t != str(token))
+    chat = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
+                                                             "max_tokens": 1, "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+
+
+@pytest.mark.slow
+def test_smollm2_echo_rejoins_multibyte_text_and_scores_as_transformers(smollm2_gguf, smollm2_reference):
+    from llama_int8.server import ServerSettings, create_app
+    from test_serve import running_server, wait_ready
+
+    llm = Llama.build(smollm2_gguf, quant="none", dtype="float32", device="cpu", max_seq_len=256, max_batch_size=2)
+    prompt = "Café au lait, 東京タワー, naïve 🙂 and ∑ x² — done."
+    with running_server(create_app(ServerSettings(model_name="tiny"), lambda: llm)) as url:
+        wait_ready(url)
+        choice = complete(url, prompt=prompt, echo=True, logprobs=1, max_tokens=0)["choices"][0]
+    assert choice["text"] == prompt
+    check_echo_shape(choice["logprobs"], prompt)
+    tokens = llm.tokenizer.encode(prompt, bos=True, eos=False)
+    reference = reference_scores(smollm2_reference, tokens)
+    ours = torch.tensor(choice["logprobs"]["token_logprobs"][1:])
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=0), (ours - reference).abs().max()
