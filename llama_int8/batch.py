@@ -14,8 +14,10 @@ batch_runner.py's: chat lines go through the model's chat template as the server
 A line that cannot run (malformed, a field out of range, too long for --max_seq_len) gets an error
 result and the run goes on. A rerun skips every id already in --output, errors included (delete an
 error's line to retry it). The input and the results file are checked before torch is imported: a
-duplicate id ends the run at once, the results untouched. --sort_by_length starts the longest
-prompts first, so that no long prompt is left to run alone at the end; results keep their ids.
+duplicate id ends the run at once, the results untouched, and an --output that is the --input or
+not a results file of this command is refused with not a byte of it changed (batch_files.py).
+--sort_by_length starts the longest prompts first, so that no long prompt is left to run alone at
+the end; results keep their ids.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .batch_files import Done, check_unique_ids, read_done, read_requests
+from .batch_files import Done, check_output_is_not_input, check_unique_ids, read_done, read_requests, resolve_output
 from .cli import add_checkpoint_flags, add_runtime_flags, add_sampling_flags, build_kwargs, sampling_kwargs
 from .flags import add_switch, existing_path, make_parser, non_empty_text, positive_int, run_cli
 
@@ -37,14 +39,21 @@ DEFAULT_TEMPERATURE = 0.0  # greedy: a rerun of an interrupted run gives what th
 # --- Flags -------------------------------------------------------------------------------------------
 
 def output_path(text: str) -> str:
-    """A results file whose folder exists: told before the model loads, not after the first result."""
-    folder = Path(text).parent
+    """A results file whose folder exists, or a link to one: told before the model loads, not after
+    the first result. A link is judged by the file it leads to, where the results go."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a file path, got an empty string")
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: the folder {folder} does not exist; create it first")
-    if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: is a folder; expected a file to append results to")
+    try:
+        path = resolve_output(Path(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    named = text if path == Path(text) else f"{text} (a link to {path})"
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{named}: the folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{named}: is a folder; expected a file to append results to")
+    if path.exists() and not path.is_file():  # a FIFO or a device: a resume would read it, and wait or worse
+        raise argparse.ArgumentTypeError(f"{named}: is not a regular file; expected a file to append results to")
     return text
 
 
@@ -70,12 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    input_path, output = Path(args.input), Path(args.output)
+    input_path, given = Path(args.input), Path(args.output)
     if args.max_gen_len < 1:
         raise ValueError("--max_gen_len: expected at least 1 token per answer in a batch run, got 0")
+    check_output_is_not_input(given, input_path)
     lines = read_requests(input_path)
     check_unique_ids(lines, input_path)
+    output = resolve_output(given)
     done = read_done(output)
+    if output != given:
+        log.info("--output %s is a link to %s: results go there", given, output)
     todo = [line for line in lines if not done.covers(line)]
     log_resume(input_path, output, len(lines), len(todo), done)
     if not todo:

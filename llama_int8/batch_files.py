@@ -9,6 +9,14 @@ A request line is ours or the OpenAI Batch API's:
 Results are appended one line per request, flushed and fsync'd as each completes, so a killed run
 loses only the requests in flight. A rerun skips the ids the results already hold; a last line cut
 short by the kill is dropped first. Nothing here imports torch: a bad file is reported at once.
+
+No file but our own is changed. The results file is only appended to, but for that one cut, and it
+is made only once the whole file is known to be ours: every complete line one of the objects
+result_record and error_record write (blank lines aside), the cut line the start of one. Any other
+file is refused, naming its first foreign line, with not a byte of it changed. An --output that is
+the --input under any name (another spelling, a hard link, a symbolic link either way) is refused
+before anything is read. An --output that is a symbolic link is followed to the file it leads to
+(resolve_output), which is then judged as any other path: results go there, and messages name it.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 log = logging.getLogger("llama_int8.batch")
 
@@ -136,22 +144,64 @@ class Done:
         return line.id in self.ids if line.id is not None else line.number in self.id_less_lines
 
 
+# The fields of each kind of line this command writes (result_record, error_record): ours completed,
+# ours refused, the OpenAI Batch API's completed and refused. A line with any other set is not ours.
+RESULT_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("id", "text", "finish_reason", "prompt_tokens", "completion_tokens"),
+    ("id", "error", "line"),
+    ("id", "custom_id", "response", "error"),
+    ("id", "custom_id", "response", "error", "line"),
+)
+RESULT_FIELD_SETS = frozenset(frozenset(fields) for fields in RESULT_FIELDS)
+# How every line written begins (json.dumps, "id" first): a cut last line must begin so, or be shorter.
+LINE_START = b'{"id": '
+
+
+def resolve_output(path: Path) -> Path:
+    """The file results go to: path, or where it leads if it is a symbolic link (a chain followed to
+    its end). ValueError for a link that leads back to itself."""
+    if not path.is_symlink():
+        return path
+    try:
+        target = path.resolve()
+    except RuntimeError:  # a loop, as Python 3.11 and 3.12 report it; 3.13 returns a link of the loop
+        target = path
+    if target.is_symlink():
+        raise ValueError(f"{path}: a symbolic link that leads back to itself; expected a file to append results to")
+    return target
+
+
+def check_output_is_not_input(output: Path, input_path: Path) -> None:
+    """Raise ValueError if output is input under any name: the results would be appended to the
+    requests, and a resume would take the requests for results and cut their last line."""
+    if output.exists() and os.path.samefile(output, input_path):
+        raise ValueError(f"--output {output} is the --input file {input_path}; give the results a file of their own")
+
+
 def read_done(path: Path) -> Done:
-    """The results already in path (none if it does not exist), after cutting off a last line a
-    killed run left half written. A complete line that is not a result is an error: the file is
-    then not one this command wrote, and appending to it would hide that."""
+    """The results already in path (none if it does not exist). Every complete line must be a result
+    of ours, else ValueError naming it; only then is a last line a killed run left half written cut
+    off, so that no file but a results file is ever changed. A link is judged by the file it leads to."""
+    path = resolve_output(path)
     if not path.exists():
         return Done(frozenset(), frozenset())
-    drop_partial_last_line(path)
     ids, id_less = set(), set()
-    with path.open("rb") as f:
+    complete = 0  # bytes of complete lines so far: what stays if the last line is cut short
+    # One descriptor for judging and cutting, so the file cut is the file judged; the path is resolved,
+    # so a link found here was put there since and is refused, not followed.
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_NOFOLLOW), "rb+") as f:
         for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):  # the last line, so every line before it has passed as ours
+                check_partial_line(raw, path, number)
+                drop_partial_last_line(f, path, complete, len(raw))
+                break
+            complete += len(raw)
             if not raw.strip():
                 continue
             record = parse_result_line(raw, path, number)
-            request_id = record.get("custom_id", record.get("id"))
+            request_id = record.get("custom_id", record["id"])
             if request_id is None:
-                id_less.add(record.get("line"))
+                id_less.add(record["line"])
             else:
                 ids.add(request_id)
     return Done(frozenset(ids), frozenset(id_less))
@@ -162,37 +212,38 @@ def parse_result_line(raw: bytes, path: Path, number: int) -> dict[str, Any]:
         record = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         record = None
-    if not isinstance(record, dict) or not ("id" in record or "custom_id" in record):
-        raise ValueError(f"{path} line {number}: not a result of a batch run (expected a JSON object with an 'id' "
-                         "or 'custom_id'); give another --output or remove that line")
+    if not is_result(record):
+        expected = "; or ".join(", ".join(fields) for fields in RESULT_FIELDS)
+        raise ValueError(f"{path} line {number}: not a result of a batch run (expected a JSON object with the fields "
+                         f"{expected}); give another --output or remove that line")
     return record
 
 
-def drop_partial_last_line(path: Path) -> None:
+def is_result(record: Any) -> bool:
+    """A line as result_record or error_record write it: their fields, and an id a request can have
+    (None only on the error of a line that had none, which then names its line)."""
+    if not isinstance(record, dict) or frozenset(record) not in RESULT_FIELD_SETS:
+        return False
+    request_id = record.get("custom_id", record["id"])
+    if request_id is None:
+        return isinstance(record.get("line"), int) and not isinstance(record["line"], bool)
+    return id_problem(request_id, "id") is None
+
+
+def check_partial_line(raw: bytes, path: Path, number: int) -> None:
+    """A last line without its newline is ours only if it begins as every line written does."""
+    if raw[:len(LINE_START)] != LINE_START[:len(raw)]:
+        raise ValueError(f"{path} line {number}: not the start of a result cut short by an interrupted run (a last "
+                         f"line without a newline, expected to begin {LINE_START.decode().strip()}); give another "
+                         "--output or remove that line")
+
+
+def drop_partial_last_line(f: BinaryIO, path: Path, keep: int, partial: int) -> None:
     """Every result is written with its newline in one piece, so bytes after the last newline are
     what a killed run left of the line it was writing: truncate them away."""
-    size = path.stat().st_size
-    if size == 0:
-        return
-    with path.open("rb+") as f:
-        keep = last_newline_end(f, size)
-        if keep < size:
-            log.warning("%s: dropping a partly written last line (%d bytes) left by an interrupted run; its request "
-                        "runs again", path, size - keep)
-            f.truncate(keep)
-
-
-def last_newline_end(f, size: int, block: int = 1 << 16) -> int:
-    """The offset just after the file's last b"\\n" (0 if none), reading backwards from its end."""
-    end = size
-    while end > 0:
-        start = max(0, end - block)
-        f.seek(start)
-        at = f.read(end - start).rfind(b"\n")
-        if at >= 0:
-            return start + at + 1
-        end = start
-    return 0
+    log.warning("%s: dropping a partly written last line (%d bytes) left by an interrupted run; its request runs "
+                "again", path, partial)
+    f.truncate(keep)
 
 
 class ResultsFile:
