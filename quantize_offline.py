@@ -9,6 +9,8 @@
     python quantize_offline.py --ckpt_dir 13B --out_dir 13B-w8a16 --format compressed-tensors --dtype bfloat16
     python quantize_offline.py --ckpt_dir model.gguf --out_dir model-hf --format hf --dtype bfloat16
 
+A pre-baked folder quantizes the output head as loading does (int8, on by default in the quantized
+modes; --quantize_head false keeps it 16-bit); the exports keep it 16-bit.
 Writes safetensors shards of the quantized weights, a manifest (format version, quant settings, model
 config, source checkpoint, tool version) and a copy of the tokenizer, into a temporary folder renamed
 into place when complete. An existing --out_dir is refused unless --force.
@@ -47,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quantize_head_flag(args: argparse.Namespace) -> bool | None:
+    """--quantize_head as given. Omitted: None for a pre-baked folder, the default loading resolves
+    too, so that baking at defaults makes the model loading at defaults does; off for the exports,
+    whose head stays 16-bit as transformers and vLLM keep theirs."""
+    if args.quantize_head is None and args.format != "prebaked":
+        return False
+    return args.quantize_head
+
+
 def main(args: argparse.Namespace) -> None:
     # Imported once the flags are known good: the readers and the quantizer import torch and
     # bitsandbytes, seconds before a misspelled flag could be reported.
@@ -59,7 +70,7 @@ def main(args: argparse.Namespace) -> None:
 
     threshold = 6.0 if args.int8_threshold is None else args.int8_threshold
     blocksize = TRANSFORMERS_BLOCKSIZE if args.blocksize is None and args.format == "hf-bnb" else args.blocksize
-    cfg = parse_quant_mode(args.quant, threshold, blocksize, args.quantize_head)
+    cfg = parse_quant_mode(args.quant, threshold, blocksize, quantize_head_flag(args))
     if args.dtype is not None and args.format == "prebaked":
         raise ValueError("--dtype applies to --format hf, hf-bnb and compressed-tensors; a pre-baked folder keeps "
                          "the source's dtype")

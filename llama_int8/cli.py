@@ -59,7 +59,8 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser, ckpt_required: bool = 
     group.add_argument("--blocksize", type=positive_int, metavar="N",
                        help="4-bit weights per scale: 32, 64, ... 4096 (default: 64; 32 for nf4-dq and fp4-dq)")
     add_switch(group, "--quantize_head", "quantize the output head too, int8, a tied one as one table with the "
-               "embedding (default: on when loading in a quantized mode, off when writing a folder)", default=None)
+               "embedding (default: on in the quantized modes, loading and pre-baking alike; the hf-bnb and "
+               "compressed-tensors exports keep it 16-bit)", default=None)
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:

@@ -67,8 +67,7 @@ class Llama:
         device's free memory.
         """
         start = time.perf_counter()
-        cfg = parse_quant_mode(quant, 6.0 if int8_threshold is None else int8_threshold, blocksize,
-                               True if quantize_head is None else quantize_head)
+        cfg = parse_quant_mode(quant, 6.0 if int8_threshold is None else int8_threshold, blocksize, quantize_head)
         check_integer("max_batch_size", max_batch_size, 1)
         check_integer("max_seq_len", max_seq_len, 2)
         if sliding_window is not None:

@@ -42,6 +42,10 @@ CHUNK_ELEMENTS = 1 << 18
 # on a CPU without AVX-512 bitsandbytes dequantizes a 4-bit weight whole on every call
 # (163 ms a token for SmolLM2's 49152 x 576 head on 2 AVX2 cores, against 11 ms for its float32 head).
 HEAD_MODE = "int8"
+# Whether the head is quantized when the caller does not say (quantize_head=None): on, in every
+# quantized mode. Loading and pre-baking both resolve None here, so that a folder baked at defaults
+# holds the model a load at defaults builds.
+QUANTIZE_HEAD_DEFAULT = True
 
 
 class NonFiniteWeightError(ValueError):
@@ -103,10 +107,12 @@ class QuantConfig:
 
 
 def parse_quant_mode(mode: str, int8_threshold: float = 6.0, blocksize: int | None = None,
-                     quantize_head: bool = False) -> QuantConfig:
+                     quantize_head: bool | None = False) -> QuantConfig:
     """A QuantConfig from a --quant value (`int8`, `nf4-dq`, litgpt's `bnb.nf4`, ...).
 
     blocksize: 4-bit weights per scale; None takes 64, or 32 for the double-quantized modes.
+    quantize_head: None, what a user who did not say gets, takes QUANTIZE_HEAD_DEFAULT; the head is
+    never quantized in mode none.
     """
     if not isinstance(mode, str) or mode.removeprefix("bnb.") not in QUANT_MODES:
         raise ValueError(f"quant: {mode!r} is not one of {', '.join(QUANT_MODES)} "
@@ -114,7 +120,7 @@ def parse_quant_mode(mode: str, int8_threshold: float = 6.0, blocksize: int | No
     kind, _, dq = mode.removeprefix("bnb.").partition("-")
     if blocksize is None:
         blocksize = DEFAULT_BLOCKSIZE_DOUBLE_QUANT if dq == "dq" else DEFAULT_BLOCKSIZE
-    head = bool(quantize_head) and kind != "none"
+    head = (QUANTIZE_HEAD_DEFAULT if quantize_head is None else bool(quantize_head)) and kind != "none"
     cfg = QuantConfig(mode=kind, double_quant=dq == "dq", int8_threshold=float(int8_threshold),
                       blocksize=int(blocksize), quantize_head=head, head_mode=HEAD_MODE if head else None)
     check_config(cfg)
@@ -182,6 +188,27 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
         scale = (127.0 / absmax.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(1)  # [rows, 1]
         cb[start:start + rows] = block.mul_(scale).round_()
     check_finite_scales(scb, "row")
+    return {"weight": cb, "SCB": scb}
+
+
+def quantize_int8_as_bitsandbytes(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """LLM.int8()'s row-wise quantization as bitsandbytes' Int8Params makes it (what transformers
+    saves): the rows cast to float16 first, then its own int8_vectorwise_quant, a chunk of rows at a
+    time (the scales are per row, so chunks give the bytes of the whole weight; at threshold 0 it
+    leaves its input unchanged, so a float16 source is read in place). From a float32
+    source the float16 cast moves some scales (2e-4 relative) and int8 values (by 1) away from
+    quantize_int8's; a value beyond float16's range becomes inf, which is refused."""
+    n, k = weight.shape
+    cb = torch.empty(n, k, dtype=torch.int8)
+    scb = torch.empty(n, dtype=torch.float32)
+    rows = chunk_rows(n, k, 1)
+    for start in range(0, n, rows):
+        q, scale, _ = bnbf.int8_vectorwise_quant(weight[start:start + rows].to(torch.float16))
+        cb[start:start + rows], scb[start:start + rows] = q, scale
+    bad = (~torch.isfinite(scb)).nonzero()
+    if len(bad):
+        raise NonFiniteWeightError(f"holds NaN, infinite values or values beyond float16's +-65504, through which "
+                                   f"bitsandbytes quantizes int8 (in {len(bad)} rows; the first: row {int(bad[0])})")
     return {"weight": cb, "SCB": scb}
 
 

@@ -78,15 +78,16 @@ def bf16_copy(model, folder: Path, tokenizer_from: Path) -> Path:
     return folder
 
 
-def transformers_quantized(source: Path, mode: str, folder: Path):
-    """transformers quantizing source itself (float32 activations) and saving it to folder; returns the
-    model, saved before any forward (a CPU 4-bit forward repacks the weights in place)."""
+def transformers_quantized(source: Path, mode: str, folder: Path, dtype: torch.dtype = torch.float32):
+    """transformers quantizing source itself (loaded as dtype, float32 activations by default) and saving
+    it to folder; returns the model, saved before any forward (a CPU 4-bit forward repacks the weights
+    in place)."""
     from transformers import AutoModelForCausalLM
 
     from benchmarks.reference import bnb_config
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, device_map={"": "cpu"},
-                                                 quantization_config=bnb_config(mode, torch.float32)).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map={"": "cpu"},
+                                                 quantization_config=bnb_config(mode, dtype)).eval()
     model.save_pretrained(folder)
     copy_tokenizer_files(source, folder)
     return model
@@ -387,6 +388,24 @@ def test_other_quantization_methods_are_refused_by_name(tiny_source, tmp_path):
     with pytest.raises(CheckpointError, match="'gptq'") as info:
         open_checkpoint(folder)
     assert str(folder / "config.json") in str(info.value)
+
+
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_hf_bnb_writer_equals_transformers_for_every_source_dtype(sp_model, tmp_path, source_dtype, mode):
+    """From a float32, float16 or bfloat16 source, loaded as float32 and as the source's own dtype
+    (transformers' "auto"), our hf-bnb folder holds transformers' bytes: int8 of a float32 source is
+    quantized through float16 as bitsandbytes does it."""
+    source = write_hf_folder(tiny_hf_model(seed=7, **SHAPES).to(source_dtype), tmp_path / "source", tokenizer=sp_model)
+    for dtype, ours_dtype in {torch.float32: "float32", source_dtype: None}.items():  # None: as the source holds it
+        theirs = tmp_path / f"theirs-{dtype}"
+        transformers_quantized(source, mode, theirs, dtype)
+        ours = write_hf_bnb(open_checkpoint(source), tmp_path / f"ours-{dtype}", parse_quant_mode(mode, blocksize=64),
+                            dtype=ours_dtype)
+        mine, want = file_tensors(ours), file_tensors(theirs)
+        assert set(mine) == set(want)
+        for key in want:
+            assert mine[key].dtype == want[key].dtype and torch.equal(mine[key], want[key]), f"{dtype} {key}"
 
 
 # --- SmolLM2-135M ----------------------------------------------------------------------------------

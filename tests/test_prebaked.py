@@ -98,6 +98,19 @@ def test_prebaked_with_quantized_head_round_trips(meta_source, tmp_path):
     assert torch.equal(logits(out), logits(meta_source, quant="int8", quantize_head=True))
 
 
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_folder_baked_at_defaults_is_the_model_loading_at_defaults_builds(meta_source, tmp_path, mode):
+    """quantize_offline.py and Llama.build given the same flags (here none but --quant) make one model:
+    the head int8 in both."""
+    run = subprocess.run([sys.executable, "quantize_offline.py", "--ckpt_dir", str(meta_source), "--out_dir",
+                          str(tmp_path / mode), "--quant", mode], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent, timeout=300)
+    assert run.returncode == 0, run.stderr
+    manifest = read_manifest(tmp_path / mode)
+    assert manifest.quant.quantize_head and manifest.tensors["output.weight"].dtype == "int8"
+    assert torch.equal(logits(tmp_path / mode), logits(meta_source, quant=mode))
+
+
 def test_manifest_records_settings_source_and_tools(baked_int8, meta_source):
     manifest = json.loads((baked_int8 / MANIFEST_NAME).read_text())
     assert manifest["format_version"] == FORMAT_VERSION

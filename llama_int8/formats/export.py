@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..model import ModelArgs, parameter_shapes
+from ..quantize import NonFiniteWeightError
 from ..tokenizer import Tokenizer, find_tokenizer_file
-from .common import Checkpoint, NamedTensor, checked_tensors, meta_to_hf_name, permute_rotary_rows
+from .common import Checkpoint, CheckpointError, NamedTensor, checked_tensors, meta_to_hf_name, permute_rotary_rows
 from .writing import new_folder
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,21 @@ def write_hf_tensors(checkpoint: Checkpoint, dtype: torch.dtype | None, writer: 
         hf_name = meta_to_hf_name(item.name)
         module = hf_name.removesuffix(".weight")
         if quantize is not None and QUANTIZED_LINEAR.fullmatch(module):
-            for key, value in quantize(tensor).items():
+            for key, value in quantized_layer(quantize, tensor, item).items():
                 writer.add(f"{module}.{key}", value)
         else:
             writer.add(hf_name, tensor)
         del item, tensor
     return written_dtype
+
+
+def quantized_layer(quantize: LayerQuantizer, tensor: torch.Tensor, item: NamedTensor) -> dict[str, torch.Tensor]:
+    """quantize(tensor); a weight the quantizer refuses (NaN, infinities, beyond float16 for
+    bitsandbytes' int8) is named with its source."""
+    try:
+        return quantize(tensor)
+    except NonFiniteWeightError as e:
+        raise CheckpointError(f"{item.source}: tensor {item.name!r} {e}") from e
 
 
 HF_SHARD_LIMIT = 5 * 10**9  # the largest shard Hugging Face's tools write by default (5 GB)

@@ -16,8 +16,10 @@ and every other tensor (embedding, norms, head) in 16 or 32 bits.
 The q/k rows of such a folder are in Hugging Face's rotary layout, and they stay so: permuting the
 rows of a double-quantized 4-bit layer would regroup the block scales that share one nested scale,
 which changes the weights. So the reader gives the model `rope_layout="halves"` and the layers
-exactly the file's bytes. The writer permutes the 16-bit rows to Hugging Face's layout first and
-then quantizes them, which makes the bytes transformers makes from the same source.
+exactly the file's bytes. The writer casts the weights to the dtype transformers would be given
+(`from_pretrained(dtype=...)`; none: the source's, as transformers' default "auto" keeps it),
+permutes the rows to Hugging Face's layout and quantizes them as bitsandbytes does when transformers
+loads them (int8 through float16), which makes the bytes transformers saves from the same source.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from pathlib import Path
 import torch
 
 from ..model import parameter_shapes
-from ..quantize import QuantConfig, check_packed_quant_state, expected_quantized_tensors, quantize_weight
+from ..quantize import (QuantConfig, check_packed_quant_state, expected_quantized_tensors,
+                        quantize_int8_as_bitsandbytes, quantize_weight)
 from .common import (Checkpoint, CheckpointError, NamedTensor, QuantizedLayer, hf_to_meta_name, open_safetensors,
                      read_json, read_safetensors_tensor)
 from .export import QUANTIZED_LINEAR, resolve_dtype, write_hf_folder
@@ -224,7 +227,8 @@ def write_hf_bnb(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig, 
     """Quantize checkpoint (a 16/32-bit source) into a bitsandbytes Hugging Face folder out_dir; returns its path.
 
     dtype: of the embedding, norms and head, and of the weights before they are quantized, as
-    transformers' `from_pretrained(dtype=...)` casts them (None: as the source holds them).
+    transformers' `from_pretrained(dtype=...)` casts them (None: as the source holds them, which is
+    what transformers' default dtype "auto" loads).
     The head stays 16-bit, as transformers and vLLM expect.
     """
     if not cfg.enabled:
@@ -237,8 +241,9 @@ def write_hf_bnb(checkpoint: Checkpoint, out_dir: str | Path, cfg: QuantConfig, 
 
 
 def bnb_layer_tensors(weight: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
-    """A layer's tensors as transformers saves a bitsandbytes layer (int8 adds weight_format)."""
-    tensors = quantize_weight(weight, cfg)
+    """A layer's tensors as transformers saves a bitsandbytes layer: int8 through float16 as
+    bitsandbytes' Int8Params quantizes, plus weight_format; 4-bit as quantize_weight makes it, which
+    is bitsandbytes' quantize_4bit of the weight in its own dtype, as Params4bit quantizes."""
     if cfg.mode == "int8":
-        tensors["weight_format"] = torch.tensor(ROW_MAJOR, dtype=torch.uint8)
-    return tensors
+        return {**quantize_int8_as_bitsandbytes(weight), "weight_format": torch.tensor(ROW_MAJOR, dtype=torch.uint8)}
+    return quantize_weight(weight, cfg)
