@@ -414,7 +414,7 @@ class Engine:
         if seq.bias is not None:
             logits = apply_logit_bias(logits, *seq.bias)
         return next_tokens(logits, p.temperature, p.top_p, p.repetition_penalty, seq.seen, seq.generator,
-                           seq.counts, p.frequency_penalty, p.presence_penalty)
+                           seq.counts, p.frequency_penalty, p.presence_penalty, p.top_k, p.min_p)
 
     @staticmethod
     def token_logprob(seq: ActiveRequest, logits: torch.Tensor, token: torch.Tensor) -> TokenLogprob | None:

@@ -55,14 +55,18 @@ def check_integer(argument: str, value: Any, low: int, high: int | None = None) 
 
 
 def check_sampling_args(temperature: float = 1.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                        seed: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> None:
+                        seed: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                        top_k: int = 0, min_p: float = 0.0) -> None:
     """temperature >= 0 (0 is greedy), 0 < top_p <= 1, repetition_penalty > 0, penalties in [-2, 2]
-    (OpenAI's range), seed None or an integer torch can seed with."""
+    (OpenAI's range), seed None or an integer torch can seed with, top_k >= -1 (0 and -1: off),
+    0 <= min_p <= 1 (0: off)."""
     check_number("temperature", temperature, ">= 0 (0 is greedy)", lambda v: v >= 0)
     check_number("top_p", top_p, "in (0, 1]", lambda v: 0 < v <= 1)
     check_number("repetition_penalty", repetition_penalty, "> 0 (1 is off)", lambda v: v > 0)
     check_number("frequency_penalty", frequency_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2)
     check_number("presence_penalty", presence_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2)
+    check_integer("top_k", top_k, -1)
+    check_number("min_p", min_p, "in [0, 1] (0 is off)", lambda v: 0 <= v <= 1)
     if seed is not None:
         check_integer("seed", seed, *SEED_RANGE)
 

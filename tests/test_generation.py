@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_hf_model, write_hf_folder
 from llama_int8 import Llama
-from llama_int8.sampling import apply_repetition_penalty, sample_top_p
+from llama_int8.sampling import apply_repetition_penalty, cut, sample
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,41 @@ def test_streaming_equals_text_completion(tiny_llm):
 def test_top_p_keeps_the_smallest_nucleus():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     g = torch.Generator().manual_seed(0)
-    drawn = {int(sample_top_p(probs, 0.75, g)) for _ in range(300)}
+    drawn = {int(sample(probs, 0.75, g)) for _ in range(300)}
     assert drawn == {0, 1}  # 0.5 < 0.75 <= 0.5 + 0.3
-    assert {int(sample_top_p(probs, 0.0, g)) for _ in range(20)} == {0}
+    assert {int(sample(probs, 0.0, g)) for _ in range(20)} == {0}
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.8, 0.0), (0, 1.0, 0.05),
+                                               (20, 0.9, 0.0), (20, 0.9, 0.1), (-1, 0.7, 0.02), (1, 1.0, 0.0)])
+def test_cuts_keep_the_tokens_transformers_keeps(top_k, top_p, min_p):
+    from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(4, 200, generator=torch.Generator().manual_seed(top_k + 7)) * 3
+    reference = logits.clone()
+    if top_k > 0:
+        reference = TopKLogitsWarper(top_k)(None, reference)
+    if top_p < 1:
+        reference = TopPLogitsWarper(top_p)(None, reference)
+    if min_p > 0:
+        reference = MinPLogitsWarper(min_p)(None, reference)
+    weights, ids = cut(torch.softmax(logits, dim=-1), top_p, top_k, min_p)
+    kept = torch.zeros_like(logits, dtype=torch.bool)
+    if ids is None:
+        kept = weights > 0
+    else:
+        kept.scatter_(1, ids, weights > 0)
+    assert torch.equal(kept, reference.isfinite())
+    if top_k > 0:
+        assert (kept.sum(-1) <= top_k).all()
+
+
+def test_a_draw_comes_only_from_the_kept_tokens():
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04]])
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample(probs, 1.0, g, top_k=2)) for _ in range(300)} == {0, 1}
+    assert {int(sample(probs, 1.0, g, min_p=0.4)) for _ in range(300)} == {0, 1, 2}  # 0.2 >= 0.4 * 0.4
+    assert {int(sample(probs, 1.0, g)) for _ in range(2000)} == {0, 1, 2, 3, 4}
 
 
 def test_repetition_penalty_matches_transformers():
