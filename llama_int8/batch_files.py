@@ -152,7 +152,9 @@ RESULT_FIELDS: tuple[tuple[str, ...], ...] = (
     ("id", "custom_id", "response", "error"),
     ("id", "custom_id", "response", "error", "line"),
 )
-RESULT_FIELD_SETS = frozenset(frozenset(fields) for fields in RESULT_FIELDS)
+SCORES = ("logprobs", "prompt_logprobs")  # what a completed line of ours adds when it asked to be scored
+RESULT_FIELD_SETS = frozenset(frozenset(fields) for fields in RESULT_FIELDS) | frozenset(
+    frozenset(RESULT_FIELDS[0] + scores) for scores in (SCORES[:1], SCORES[1:], SCORES))
 # How every line written begins (json.dumps, "id" first): a cut last line must begin so, or be shorter.
 LINE_START = b'{"id": '
 
@@ -265,20 +267,22 @@ class ResultsFile:
 # --- Result records ----------------------------------------------------------------------------------
 
 def result_record(line: RequestLine, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                  response_body: dict[str, Any]) -> dict[str, Any]:
-    """A completed request: ours flat, an OpenAI Batch API line in that API's output shape, whose
-    response body is the chat or completion response the server would send (response_body)."""
+                  response_body: dict[str, Any], scores: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A completed request: ours flat, with the SCORES it asked for (logprobs, prompt_logprobs), an
+    OpenAI Batch API line in that API's output shape, whose response body is the chat or completion
+    response the server would send (response_body)."""
     if line.openai:
         return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.id,
                 "response": {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": response_body},
                 "error": None}
     return {"id": line.id, "text": text, "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens}
+            "completion_tokens": completion_tokens, **(scores or {})}
 
 
-def error_record(line: RequestLine, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+def error_record(line: RequestLine, code: str, message: str, param: str | None = None,
+                 type: str = "invalid_request_error") -> dict[str, Any]:
     """A request that could not run, with its line number: the only name of a line without an id."""
-    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    error = {"message": message, "type": type, "param": param, "code": code}
     if line.openai:
         return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.id, "response": None, "error": error,
                 "line": line.number}

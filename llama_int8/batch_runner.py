@@ -1,11 +1,13 @@
-"""A batch run's work (batch.py is its command line): request lines become engine requests, checked
-as the server checks them, and go through one continuous-batching engine; each result is appended to
-the results file the moment its request ends.
+"""A batch run's work (batch.py is its command line): each request line is answered by the server's
+own serving layer (serving.py), so a line gets the answer its body gets from the server, through one
+continuous-batching engine; each result is appended to the results file the moment its request ends.
 
-A chat line's messages become prompt tokens through Llama.encode_dialog, the model's chat template,
-as /v1/chat/completions does, and stop at the tokenizer's end-of-turn tokens as there; a line's
-fields are read by the server's own request models (openai_api.py), so a field the server refuses
-is refused here with the same words.
+A line's fields are the server's (openai_api.py): a field the server refuses is refused here with
+the same words, and the flags fill in the sampling fields and max_tokens a line leaves out. A line of
+ours is answered flat (text, finish reason, token counts, and the log-probabilities it asked for); an
+OpenAI Batch API line by the response body the server would send, so it may ask for `n` choices too.
+The model a line names is not checked: a batch file names the model it was written for, and the
+model this run loads answers it.
 """
 
 from __future__ import annotations
@@ -18,17 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import openai_api as api
 from .batch_files import RequestLine, ResultsFile, error_record, result_record
-from .chat import Dialog
-from .engine import Completion, ContextLengthExceeded, Engine, InvalidRequest, Output, QueueFull, Request
+from .engine import Completion, Output, QueueFull
 from .generation import Llama
-from .params import check_one_dialog, check_text
-from .tokenizer import Tokenizer
+from .serving import ApiError, Job, Serving
 
 log = logging.getLogger("llama_int8.batch")
 
@@ -44,18 +42,9 @@ class BatchSettings:
 
 
 @dataclass(frozen=True)
-class Job:
+class LineJob:
     line: RequestLine
-    request: Request
-    chat: bool
-
-
-class LineError(Exception):
-    """Why one request line cannot run: an OpenAI error code, the message, the field at fault."""
-
-    def __init__(self, code: str, message: str, param: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.param = code, message, param
+    job: Job
 
 
 @dataclass
@@ -82,7 +71,7 @@ def run_batch(llm: Llama, lines: list[RequestLine], input_path: Path, output: Pa
     # Whole prompts a step (unless --prefill_chunk or a sliding window bounds them): no one waits on the
     # next token of the requests beside, and the kernels run a long prompt faster in one piece
     # (SmolLM2 on a 2-core CPU: 570 prompt tok/s against 370 in the engine's default chunks of 128).
-    engine = Engine(llm.model, llm.tokenizer, prefill_chunk=llm.model.max_seq_len)
+    serving = Serving(llm.engine(whole_prompts=True), llm.encode_dialog, model_name, model_must_match=False)
     results = ResultsFile(output)
     tally = Tally()
     bar = tqdm(total=len(lines), desc="Requests", unit="req", smoothing=0.05)
@@ -93,23 +82,31 @@ def run_batch(llm: Llama, lines: list[RequestLine], input_path: Path, output: Pa
         bar.update(1)
         bar.set_postfix_str(f"{tally.tokens_per_second:.1f} generated tok/s", refresh=False)
 
-    def completed(job: Job, completion: Completion) -> None:
+    def refused(line: RequestLine, e: ApiError) -> None:
+        log.warning("%s line %d: %s", input_path, line.number, e.message)
+        tally.failed += 1
+        record(error_record(line, e.code or "invalid_request", e.message, e.param, e.type))
+
+    def ended(job: LineJob, completions: list[Completion]) -> None:
+        try:
+            response = serving.response(job.job, completions)
+        except ApiError as e:
+            refused(job.line, e)
+            return
         tally.completed += 1
-        record(response_record(job, completion, model_name), completion.completion_tokens)
+        record(response_record(job.line, response), sum(c.completion_tokens for c in completions))
 
     try:
         with logging_redirect_tqdm():
             jobs = []
             for line in lines:
                 try:
-                    jobs.append(build_job(line, llm, engine, settings, input_path))
-                except LineError as e:
-                    log.warning("%s line %d: %s", input_path, line.number, e.message)
-                    tally.failed += 1
-                    record(error_record(line, e.code, e.message, e.param))
+                    jobs.append(LineJob(line, line_job(serving, line, settings)))
+                except ApiError as e:
+                    refused(line, e)
             if settings.sort_by_length:
-                jobs.sort(key=lambda job: len(job.request.prompt), reverse=True)
-            generate(engine, jobs, completed)
+                jobs.sort(key=lambda job: max(len(p) for p in job.job.prompts), reverse=True)
+            generate(serving, jobs, ended)
     finally:
         bar.close()
         results.close()
@@ -119,110 +116,77 @@ def run_batch(llm: Llama, lines: list[RequestLine], input_path: Path, output: Pa
     return tally
 
 
-def generate(engine: Engine, jobs: list[Job], on_complete: Callable[[Job, Completion], None]) -> None:
-    """Feed the engine as its slots and queue free up, and call on_complete(job, completion) as each
-    request ends; a completion is dropped once reported, so memory does not grow with the file."""
+def generate(serving: Serving, jobs: list[LineJob], on_end: Callable[[LineJob, list[Completion]], None]) -> None:
+    """Feed the engine as its slots and queue free up, and call on_end(job, completions) as each job's
+    requests have all ended; completions are dropped once reported, so memory does not grow with the file."""
+    engine = serving.engine
     pending = deque(jobs)
     while pending or engine.has_work():
         while pending:
             try:
-                engine.submit([pending[0].request], collector(pending[0], on_complete))
+                engine.submit(pending[0].job.requests, collector(pending[0], on_end))
             except QueueFull:
                 break
             pending.popleft()
         engine.step()
 
 
-def collector(job: Job, on_complete: Callable[[Job, Completion], None]) -> Callable[[int, Output], None]:
-    """An engine callback gathering one request's outputs into its completion, reported at the end."""
-    completion = Completion()
+def collector(job: LineJob, on_end: Callable[[LineJob, list[Completion]], None]) -> Callable[[int, Output], None]:
+    """An engine callback gathering a job's outputs into its completions, reported once all have ended."""
+    completions = [Completion() for _ in job.job.requests]
+    remaining = len(completions)
 
-    def on_output(_: int, out: Output) -> None:
-        completion.add(out)
+    def on_output(i: int, out: Output) -> None:
+        nonlocal remaining
+        completions[i].add(out)
         if out.finish_reason is not None:
-            on_complete(job, completion)
+            remaining -= 1
+            if remaining == 0:
+                on_end(job, completions)
 
     return on_output
 
 
-# --- From a line to an engine request ----------------------------------------------------------------
+# --- From a line to a job, and back ------------------------------------------------------------------
 
-def build_job(line: RequestLine, llm: Llama, engine: Engine, settings: BatchSettings, input_path: Path) -> Job:
-    """The engine request of a line, or LineError saying why it cannot run."""
+def line_job(serving: Serving, line: RequestLine, settings: BatchSettings) -> Job:
+    """The serving job of a line, checked as the server checks a body, or ApiError saying why it cannot run."""
     if line.error is not None:
-        raise LineError("invalid_request", line.error)
-    chat = line.kind == "chat"
-    schema = api.ChatCompletionRequest if chat else api.CompletionRequest
+        raise ApiError(400, line.error, code="invalid_request")
+    body = {**settings.sampling, **with_system(line.body, settings.system)}
+    job = serving.job(line.kind, body, settings.max_tokens)
+    if not line.openai and len(job.requests) > 1:  # a line of ours has room for one answer
+        if job.body.n > 1:
+            raise ApiError(400, f"n: one answer per line in a batch run, got {job.body.n}; repeat the line under "
+                                "other ids instead (or write an OpenAI Batch API line)", param="n")
+        raise ApiError(400, "prompt: expected one text or one list of token ids per line; give each prompt a line "
+                            "of its own", param="prompt")
     try:
-        body = schema.model_validate({**settings.sampling, **line.body})
-    except ValidationError as e:
-        param, message = api.first_invalid_field(e.errors())
-        raise LineError("invalid_request", message, param) from None
-    refuse_unsupported(body, chat)
-    unknown = api.unknown_fields(body)
-    if unknown:
-        log.warning("%s line %d: ignoring unknown field(s) %s", input_path, line.number, ", ".join(unknown))
-    param = "messages" if chat else "prompt"
-    try:
-        prompt = (chat_prompt(llm, body.dialog, settings.system) if chat
-                  else completion_prompt(llm.tokenizer, body.prompt))
-    except ValueError as e:
-        raise LineError("invalid_request", str(e), param) from None
-    limit = (body.completion_limit if chat else body.max_tokens) or settings.max_tokens
-    request = api.engine_request(body, prompt, limit, llm.tokenizer.stop_ids, None)
-    try:
-        engine.check(request)
-    except ContextLengthExceeded as e:
-        raise LineError("context_length_exceeded", f"{e} (--max_seq_len is {engine.max_seq_len})", param) from None
-    except InvalidRequest as e:
-        raise LineError("invalid_request", str(e), param if e.field == "prompt" else e.field) from None
-    return Job(line, request, chat)
+        serving.check(job)
+    except ApiError as e:
+        if e.code == "context_length_exceeded":
+            e.message += f" (--max_seq_len is {serving.engine.max_seq_len})"
+        raise
+    return job
 
 
-def refuse_unsupported(body: api.GenerationFields, chat: bool) -> None:
-    """Fields the server answers that a batch result has no room for."""
-    if body.n != 1:
-        raise LineError("invalid_request", f"n: one answer per line in a batch run, got {body.n}; repeat the line "
-                                           "under other ids instead", "n")
-    if body.logprobs if chat else body.logprobs is not None:
-        raise LineError("invalid_request", "logprobs: not supported in a batch run", "logprobs")
-    if not chat and (body.echo or body.suffix):
-        name = "echo" if body.echo else "suffix"
-        raise LineError("invalid_request", f"{name}: not supported in a batch run", name)
+def with_system(body: dict[str, Any], system: str | None) -> dict[str, Any]:
+    """A chat body with system put first where its messages have none (anything else as it is)."""
+    messages = body.get("messages")
+    if system is None or not isinstance(messages, list) or not messages or not isinstance(messages[0], dict):
+        return body
+    if messages[0].get("role") in ("system", "developer"):
+        return body
+    return {**body, "messages": [{"role": "system", "content": system}, *messages]}
 
 
-def chat_prompt(llm: Llama, dialog: Dialog, system: str | None) -> list[int]:
-    """The prompt tokens of a chat, as the server builds them; system goes first where it has none."""
-    if system is not None and dialog[0]["role"] != "system":
-        dialog = [{"role": "system", "content": system}, *dialog]
-    check_one_dialog(dialog, "messages")
-    return llm.encode_dialog(dialog)
-
-
-def completion_prompt(tokenizer: Tokenizer, prompt: Any) -> list[int]:
-    """One text (encoded with BOS, as text_completion and the server do) or one list of token ids."""
-    if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        check_text(prompt, "prompt")
-        return tokenizer.encode(prompt, bos=True, eos=False)
-    if prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
-    raise ValueError("prompt: expected one text or one list of token ids per line; give each prompt a line of its own")
-
-
-def response_record(job: Job, completion: Completion, model_name: str) -> dict[str, Any]:
-    """The result line of a completed job; an OpenAI Batch API line's response body is the one the
-    server would send."""
-    text, reason = completion.text, completion.finish_reason
-    prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
-    body: dict[str, Any] = {}
-    if job.line.openai and job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": reason}
-        body = api.chat_response(api.ResponseIds("chatcmpl", model_name), [choice], prompt_tokens, completion_tokens)
-    elif job.line.openai:
-        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        body = api.completion_response(api.ResponseIds("cmpl", model_name), [choice], prompt_tokens,
-                                       completion_tokens)
-    return result_record(job.line, text, reason, prompt_tokens, completion_tokens, body)
+def response_record(line: RequestLine, response: dict[str, Any]) -> dict[str, Any]:
+    """The result line of a completed line: an OpenAI Batch API line's holds the server's response body;
+    a line of ours the one choice's text, finish reason and token counts, and the scores it asked for."""
+    choice, usage = response["choices"][0], response["usage"]
+    text = choice["message"]["content"] if "message" in choice else choice["text"]
+    prompt_logprobs = response.get("prompt_logprobs", choice.get("prompt_logprobs"))
+    scores = {name: value for name, value in (("logprobs", choice["logprobs"]), ("prompt_logprobs", prompt_logprobs))
+              if value is not None}
+    return result_record(line, text, choice["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"],
+                         response, scores)

@@ -1,7 +1,8 @@
 """Chat formats: Llama 2's `[INST]` format and Hugging Face jinja chat templates, behind `encode_dialog`.
 
 A dialog is a list of messages: an optional system message first, then user and assistant messages
-alternating, ending with the user message the model is to answer.
+alternating, ending with the user message the model is to answer, or, to have the model continue
+an answer begun for it (answer prefill, `continue_final=True`), with that assistant message.
 """
 
 from __future__ import annotations
@@ -36,20 +37,36 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 LLAMA2_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, continue_final: bool = False) -> list[int]:
     """The prompt tokens of a dialog, ready for the assistant's answer: the tokenizer's chat template
-    when it has one (rendered as transformers renders it), else the Llama 2 chat format."""
+    when it has one (rendered as transformers renders it), else the Llama 2 chat format. With
+    continue_final the dialog ends with the beginning of the answer, which the model continues."""
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
-        return encode_llama2_dialog(tokenizer, dialog)
-    check_dialog(dialog)
-    text = render_chat_template(template, dialog, template_special_tokens(tokenizer))
+        return encode_llama2_dialog(tokenizer, dialog, continue_final)
+    check_dialog(dialog, continue_final)
+    special = template_special_tokens(tokenizer)
+    if continue_final:
+        text = continued_answer(render_chat_template(template, dialog, special, add_generation_prompt=False),
+                                dialog[-1]["content"])
+    else:
+        text = render_chat_template(template, dialog, special)
     # The template writes every special token it wants (BOS included): add none on top.
     return tokenizer.encode(text, bos=False, eos=False)
 
 
-def check_dialog(dialog: Dialog) -> None:
-    """Raise ValueError naming the first message that breaks the shape system? (user assistant)* user."""
+def continued_answer(rendered: str, answer: str) -> str:
+    """The rendered dialog cut after the last assistant message's text, so that nothing closes its
+    turn (transformers' continue_final_message does the same)."""
+    end = rendered.rfind(answer.strip())
+    if not answer.strip() or end < 0:
+        raise ValueError("the last (assistant) message: expected text the chat template shows, to continue it")
+    return rendered[:end + len(answer.strip())]
+
+
+def check_dialog(dialog: Dialog, continue_final: bool = False) -> None:
+    """Raise ValueError naming the first message that breaks the shape system? (user assistant)* user,
+    or, with continue_final, system? (user assistant)+."""
     if not isinstance(dialog, list) or not dialog:
         raise ValueError(f"dialog: expected a non-empty list of messages, got {dialog!r}")
     for i, message in enumerate(dialog):
@@ -66,17 +83,21 @@ def check_dialog(dialog: Dialog) -> None:
             where = " (a system message may only come first)" if dialog[i]["role"] == "system" else ""
             raise ValueError(f"message {i}: expected role {expected!r}, got {dialog[i]['role']!r}{where}; "
                              "messages must alternate user/assistant, starting with user")
-    if dialog[-1]["role"] != "user":
+    if continue_final and dialog[-1]["role"] != "assistant":
+        raise ValueError(f"message {len(dialog) - 1}: expected the dialog to end with the assistant message "
+                         "to continue")
+    if not continue_final and dialog[-1]["role"] != "user":
         raise ValueError(f"message {len(dialog) - 1}: the dialog ends with an assistant message; "
-                         "expected it to end with the user message to answer")
+                         "expected it to end with the user message to answer (or ask to continue it)")
 
 
 # --- Llama 2 ---------------------------------------------------------------------------------------
 
-def encode_llama2_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
-    """Llama 2 chat: `<s>[INST] user [/INST] answer</s>` per exchange, then `<s>[INST] user [/INST]`;
-    the system message goes inside the first user message between <<SYS>> tags."""
-    check_dialog(dialog)
+def encode_llama2_dialog(tokenizer: Tokenizer, dialog: Dialog, continue_final: bool = False) -> list[int]:
+    """Llama 2 chat: `<s>[INST] user [/INST] answer</s>` per exchange, then `<s>[INST] user [/INST]`
+    (with continue_final, `<s>[INST] user [/INST] answer begun`); the system message goes inside the
+    first user message between <<SYS>> tags."""
+    check_dialog(dialog, continue_final)
     for i, message in enumerate(dialog):
         tags = [tag for tag in LLAMA2_TAGS if tag in message["content"]]
         if tags:
@@ -85,12 +106,14 @@ def encode_llama2_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise ValueError("the tokenizer has no chat template and no BOS/EOS tokens: "
                          "the Llama 2 chat format needs both")
-    dialog = fold_system_message(dialog)
+    dialog = list(fold_system_message(dialog))  # a copy: the answer begun is taken off its end
+    begun = dialog.pop()["content"].strip() if continue_final else None
     tokens: list[int] = []
     for user, answer in zip(dialog[:-1:2], dialog[1::2]):
         text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()}"
         tokens += tokenizer.encode(text, bos=True, eos=True)
-    return tokens + tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+    last = f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}" + (f" {begun}" if begun else "")
+    return tokens + tokenizer.encode(last, bos=True, eos=False)
 
 
 def fold_system_message(dialog: Dialog) -> Dialog:

@@ -12,6 +12,7 @@ from typing import TypedDict
 import torch
 
 from .chat import ChatPrediction, Dialog, encode_dialog
+from .engine import DEFAULT_MAX_QUEUE, Engine
 from .formats import Checkpoint, open_checkpoint
 from .loader import (check_memory_fits, choose_attention_backend, default_device, default_dtype, load_weights,
                      never_generate, release_page_cache)
@@ -213,9 +214,15 @@ class Llama:
         tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
         yield from self.stream_tokens(tokens, temperature, top_p, max_gen_len, repetition_penalty, seed)
 
-    def encode_dialog(self, dialog: Dialog) -> list[int]:
+    def engine(self, max_queue: int = DEFAULT_MAX_QUEUE, whole_prompts: bool = False) -> Engine:
+        """A continuous-batching engine over this model's cache slots (engine.py). whole_prompts:
+        prefill each prompt in one step where the model allows it (a sliding window or prefill_chunk
+        bounds the chunks), which is faster when no stream waits on its next token."""
+        return Engine(self.model, self.tokenizer, max_queue, self.model.max_seq_len if whole_prompts else None)
+
+    def encode_dialog(self, dialog: Dialog, continue_final: bool = False) -> list[int]:
         """The prompt tokens of a dialog in this model's chat format (see chat.encode_dialog)."""
-        return encode_dialog(self.tokenizer, dialog)
+        return encode_dialog(self.tokenizer, dialog, continue_final)
 
     def chat_completion(self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: int | None = None, repetition_penalty: float = 1.0,

@@ -1,10 +1,11 @@
 """The OpenAI API's wire format: request bodies as pydantic models, and the JSON of responses,
 stream chunks and errors, for `/v1/chat/completions` and `/v1/completions` (serve.py routes them).
 
-Fields this server does not know are accepted and reported by `unknown_fields` (the server logs
-them), as OpenAI clients send new ones all the time. Besides OpenAI's fields, requests take
-`repetition_penalty` (transformers') and `ignore_eos` (vLLM's: generate max_tokens whatever the model
-says), as other OpenAI-compatible servers do.
+Nothing is silently ignored: FIELDS says of every field of OpenAI's two requests whether it is
+honoured, accepted as a no-op (it changes no answer: `user`, `store`, `metadata`, ...) or refused; a
+refused or unknown field is a 400 naming it. Besides OpenAI's fields, requests take the extensions
+other OpenAI-compatible servers take: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`prompt_logprobs`, `continue_final_message` (vLLM's spellings).
 """
 
 from __future__ import annotations
@@ -45,14 +46,73 @@ Text = Annotated[str, AfterValidator(valid_text)]
 PositiveFloat32 = Annotated[float, AfterValidator(nonzero_in_float32)]
 
 
-class OpenAIBody(BaseModel):
-    """A request body: unknown fields are kept aside (model_extra), not refused."""
+HONOURED, NO_OP, REFUSED = "honoured", "no-op", "refused"
+# Every field of OpenAI's chat (chat) and legacy completions (completions) requests, and the
+# extensions taken: (where, what is done with it, why or how). The README's table is this one.
+FIELDS: dict[str, tuple[str, str, str]] = {
+    "messages": ("chat", HONOURED, "through the model's chat template"),
+    "prompt": ("completions", HONOURED, "a text, texts, token ids or lists of them"),
+    "model": ("both", HONOURED, "must name the served model when given"),
+    "max_tokens": ("both", HONOURED, "0 scores the prompt only (echo with logprobs, or prompt_logprobs)"),
+    "max_completion_tokens": ("chat", HONOURED, "max_tokens' newer name"),
+    "temperature": ("both", HONOURED, "0 is greedy"),
+    "top_p": ("both", HONOURED, "nucleus sampling"),
+    "seed": ("both", HONOURED, "choice i draws with seed + i"),
+    "n": ("both", HONOURED, "up to 16 choices"),
+    "stop": ("both", HONOURED, "up to 16 strings, never shown"),
+    "stream": ("both", HONOURED, "server-sent events"),
+    "stream_options": ("both", HONOURED, "include_usage; include_obfuscation is a no-op"),
+    "logprobs": ("both", HONOURED, "chat: true/false; completions: up to 5 alternatives"),
+    "top_logprobs": ("chat", HONOURED, "needs logprobs: true"),
+    "frequency_penalty": ("both", HONOURED, "OpenAI's, over the generated tokens"),
+    "presence_penalty": ("both", HONOURED, "OpenAI's, over the generated tokens"),
+    "logit_bias": ("both", HONOURED, "token id -> bias in [-100, 100]"),
+    "echo": ("completions", HONOURED, "the prompt before the completion, scored with logprobs"),
+    "best_of": ("completions", HONOURED, "equal to n (or unset) only: choices are not ranked; else refused"),
+    "user": ("both", NO_OP, "OpenAI's end-user id"),
+    "store": ("chat", NO_OP, "nothing is stored"),
+    "metadata": ("chat", NO_OP, "nothing is stored"),
+    "service_tier": ("chat", NO_OP, "one tier"),
+    "prompt_cache_key": ("chat", NO_OP, "an OpenAI cache hint"),
+    "safety_identifier": ("chat", NO_OP, "OpenAI's end-user id"),
+    "parallel_tool_calls": ("chat", NO_OP, "no tools are taken yet"),
+    "modalities": ("chat", NO_OP, "only [\"text\"]; anything else refused"),
+    "response_format": ("chat", NO_OP, "only {\"type\": \"text\"}; structured output refused"),
+    "suffix": ("completions", REFUSED, "no model this server loads fills in the middle"),
+    "tools": ("chat", REFUSED, "tool calls are not supported yet"),
+    "tool_choice": ("chat", REFUSED, "tool calls are not supported yet"),
+    "functions": ("chat", REFUSED, "OpenAI's deprecated tool calls: not supported"),
+    "function_call": ("chat", REFUSED, "OpenAI's deprecated tool calls: not supported"),
+    "audio": ("chat", REFUSED, "text output only"),
+    "prediction": ("chat", REFUSED, "predicted outputs are not supported"),
+    "reasoning_effort": ("chat", REFUSED, "for OpenAI's reasoning models"),
+    "verbosity": ("chat", REFUSED, "for OpenAI's reasoning models"),
+    "web_search_options": ("chat", REFUSED, "no web search here"),
+    "top_k": ("both", HONOURED, "extension: the k likeliest tokens (0 or -1: off)"),
+    "min_p": ("both", HONOURED, "extension: tokens below min_p times the likeliest's probability dropped"),
+    "repetition_penalty": ("both", HONOURED, "extension: CTRL's, over prompt and completion"),
+    "ignore_eos": ("both", HONOURED, "extension: generate max_tokens whatever the model says"),
+    "prompt_logprobs": ("both", HONOURED, "extension: each prompt token's logprob, rank and alternatives"),
+    "continue_final_message": ("chat", HONOURED, "extension: continue a last assistant message (the default "
+                               "when the chat ends with one)"),
+}
 
-    model_config = ConfigDict(extra="allow")
+
+def refusal(field: str) -> str | None:
+    """Why a field that is not taken is refused, or None for a field nobody defines."""
+    where, what, why = FIELDS.get(field, ("", "", ""))
+    return why if what == REFUSED else None
+
+
+class OpenAIBody(BaseModel):
+    """A request body: a field no model declares is refused, naming it (nothing silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(OpenAIBody):
     include_usage: bool = False
+    include_obfuscation: bool = False  # OpenAI pads chunks against side channels: nothing to pad here
 
 
 class GenerationFields(OpenAIBody):
@@ -73,7 +133,9 @@ class GenerationFields(OpenAIBody):
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a string in JSON)
     ignore_eos: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: score the prompt, with N alternatives
-    user: str | None = None  # OpenAI's end-user id: accepted, unused
+    top_k: int = Field(0, ge=-1)  # vLLM's: 0 or -1 is off
+    min_p: float = Field(0.0, ge=0, le=1)
+    user: Text | None = None
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -102,11 +164,26 @@ class ChatMessage(OpenAIBody):
         return self.content or ""
 
 
+def text_response_format(value: dict[str, Any]) -> dict[str, Any]:
+    if value.get("type") != "text" or len(value) != 1:
+        raise ValueError('structured output is not supported yet; only {"type": "text"}')
+    return value
+
+
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    continue_final_message: bool | None = None  # None: when the chat ends with an assistant message
+    store: bool | None = None
+    metadata: dict[str, Text] | None = None
+    service_tier: Text | None = None
+    prompt_cache_key: Text | None = None
+    safety_identifier: Text | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[Literal["text"]] | None = None
+    response_format: Annotated[dict[str, Any], AfterValidator(text_response_format)] | None = None
 
     @property
     def dialog(self) -> list[dict[str, str]]:
@@ -127,6 +204,7 @@ class CompletionRequest(GenerationFields):
     prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: Text | None = None
 
 
@@ -182,19 +260,11 @@ def first_invalid_field(errors: list[dict[str, Any]]) -> tuple[str | None, str]:
     param = field_path(first.get("loc", ()))
     where = f"{param}: " if param else ""
     message = first.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic's word for a ValueError
+    if first.get("type") == "extra_forbidden":
+        name = str(first.get("loc", ("",))[-1])
+        why = refusal(name) if param == name else None  # FIELDS are the bodies' own, not their parts'
+        message = f"not supported by this server: {why}" if why else "not a field this server takes"
     return param or None, f"{where}{message}"
-
-
-def unknown_fields(body: BaseModel) -> list[str]:
-    """Dotted names of the fields of body (nested models included) that no model declares."""
-    found = [name for name in body.model_extra or {}]
-    for name, value in body:
-        children = value if isinstance(value, list) else [value]
-        for i, child in enumerate(children):
-            if isinstance(child, BaseModel):
-                where = f"{name}[{i}]" if isinstance(value, list) else name
-                found += [f"{where}.{inner}" for inner in unknown_fields(child)]
-    return found
 
 
 # --- Engine requests ---------------------------------------------------------------------------------
@@ -205,7 +275,8 @@ def sampling_params(body: GenerationFields, choice: int = 0) -> SamplingParams:
     return SamplingParams(temperature=body.temperature, top_p=body.top_p,
                           seed=None if body.seed is None else (body.seed + choice) % 2**64,
                           repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
-                          presence_penalty=body.presence_penalty, logit_bias=tuple((body.logit_bias or {}).items()))
+                          presence_penalty=body.presence_penalty, logit_bias=tuple((body.logit_bias or {}).items()),
+                          top_k=body.top_k, min_p=body.min_p)
 
 
 def engine_request(body: GenerationFields, prompt: list[int], max_tokens: int, stop_ids: frozenset[int],

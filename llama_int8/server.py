@@ -128,7 +128,7 @@ class ServerState:
     def load(self, load: Callable[[], Any]) -> None:
         try:
             llm = load()
-            engine = Engine(llm.model, llm.tokenizer, max_queue=self.settings.max_queue)
+            engine = llm.engine(self.settings.max_queue)
         except Exception as e:  # reported to the process, which exits: a server without a model is useless
             self.on_load_failure(e)
             return
@@ -137,7 +137,7 @@ class ServerState:
         self.engine_thread.start()
         self.engine = engine
         log.info("Ready: %s, %d slots of %d tokens, queue of %d", self.settings.model_name,
-                 llm.model.max_batch_size, llm.model.max_seq_len, self.settings.max_queue)
+                 len(engine.slots), engine.max_seq_len, self.settings.max_queue)
 
     def begin_shutdown(self) -> None:
         """Refuse new requests from now on and end those left after the grace (see the module's
@@ -226,11 +226,6 @@ def event(data: dict[str, Any] | str) -> ServerSentEvent:
 
 # --- Routes ------------------------------------------------------------------------------------------
 
-def log_unknown_fields(body: api.OpenAIBody, endpoint: str) -> None:
-    unknown = api.unknown_fields(body)
-    if unknown:
-        log.debug("%s: ignoring unknown field(s) %s", endpoint, ", ".join(unknown))
-
 class ApiKeyCheck:
     """ASGI middleware requiring `Authorization: Bearer <api_key>` on every route but /health, before
     anything reads the body: a caller without the key learns nothing about what it sent. Both sides
@@ -284,26 +279,31 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    model_card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "llama_int8"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "llama_int8"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != settings.model_name:
+            raise ApiError(404, f"model: {model_id!r} is not served here; /v1/models lists {settings.model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatCompletionRequest, http: HTTPRequest) -> Any:
         arrived = time.monotonic()
-        log_unknown_fields(body, "/v1/chat/completions")
         return await answer(state, state.ready().chat(body), http, arrived)
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest, http: HTTPRequest) -> Any:
         arrived = time.monotonic()
-        log_unknown_fields(body, "/v1/completions")
         return await answer(state, state.ready().completion(body), http, arrived)
 
     @app.post("/tokenize")
     async def tokenize(body: api.TokenizeRequest) -> dict[str, Any]:
-        log_unknown_fields(body, "/tokenize")
         serving = state.ready()
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "expected exactly one of prompt and messages", param="prompt")
@@ -317,7 +317,6 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
 
     @app.post("/detokenize")
     async def detokenize(body: api.DetokenizeRequest) -> dict[str, Any]:
-        log_unknown_fields(body, "/detokenize")
         serving = state.ready()
         vocab = serving.engine.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]

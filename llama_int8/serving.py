@@ -79,12 +79,15 @@ class Job:
 
 class Serving:
     """The OpenAI endpoints' logic over one engine; encode_dialog turns messages into prompt tokens
-    through the model's chat template."""
+    through the model's chat template. A body naming another model than model_name is refused (404)
+    unless model_must_match is False."""
 
-    def __init__(self, engine: Engine, encode_dialog: Callable[[list[dict[str, str]]], list[int]], model_name: str):
+    def __init__(self, engine: Engine, encode_dialog: Callable[[list[dict[str, str]], bool], list[int]],
+                 model_name: str, model_must_match: bool = True):
         self.engine, self.tokenizer = engine, engine.tokenizer
         self.encode_dialog = encode_dialog
         self.model_name = model_name
+        self.model_must_match = model_must_match
 
     # --- Requests ------------------------------------------------------------------------------------
 
@@ -96,16 +99,30 @@ class Serving:
         except ValidationError as e:
             raise invalid_body(e) from None
 
+    def job(self, kind: Kind, raw: Any, default_max_tokens: int | None) -> Job:
+        """The job of a raw body of either kind (ApiError for a bad one); max_tokens unset takes
+        default_max_tokens."""
+        body = self.parse(kind, raw)
+        return self.chat(body, default_max_tokens) if kind == "chat" else self.completion(body, default_max_tokens)
+
     def check_model(self, requested: str | None) -> None:
-        if requested is not None and requested != self.model_name:
+        if self.model_must_match and requested is not None and requested != self.model_name:
             raise ApiError(404, f"model: {requested!r} is not served here; /v1/models lists {self.model_name!r}",
                            param="model", code="model_not_found")
 
     def chat(self, body: api.ChatCompletionRequest, default_max_tokens: int | None = None) -> Job:
         """The job of a chat body; max_tokens unset takes default_max_tokens, else what the context leaves."""
         self.check_model(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        ends_with_answer = body.messages[-1].role == "assistant"
+        continuing = ends_with_answer if body.continue_final_message is None else body.continue_final_message
+        if continuing != ends_with_answer:
+            raise ApiError(400, "continue_final_message: true needs a chat that ends with an assistant message" if
+                           continuing else "continue_final_message: false, but the chat ends with an assistant "
+                           "message; drop it, or let the model continue it", param="continue_final_message")
         try:
-            prompt = self.encode_dialog(body.dialog)
+            prompt = self.encode_dialog(body.dialog, continuing)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
         job = Job("chat", body, [prompt], [], api.ResponseIds("chatcmpl", self.model_name), "messages")
@@ -118,8 +135,9 @@ class Serving:
         """The job of a legacy completions body (a prompt or a list of them)."""
         self.check_model(body.model)
         if body.suffix:
-            raise ApiError(400, "suffix: not supported by this server (no model it loads fills in the middle)",
-                           param="suffix")
+            raise ApiError(400, f"suffix: not supported by this server: {api.refusal('suffix')}", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise ApiError(400, f"best_of: only {body.n} (n) is supported: choices are not ranked here", param="best_of")
         job = Job("completion", body, self.completion_prompts(body), [], api.ResponseIds("cmpl", self.model_name),
                   "prompt")
         scored = body.logprobs if body.echo else None

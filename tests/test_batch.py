@@ -341,3 +341,61 @@ def test_smollm2_chat_lines_follow_its_template_and_stop_at_end_of_turn(smollm2_
         assert got[line["id"]]["text"] == reference["generation"]["content"]
         assert got[line["id"]]["prompt_tokens"] == len(llm.encode_dialog(dialog))
     assert any(got[line["id"]]["finish_reason"] == "stop" for line in lines)  # ended by <|im_end|>, not the limit
+
+
+# --- One serving layer -------------------------------------------------------------------------------
+
+def test_a_batch_line_is_answered_as_the_server_answers_its_body(tiny_folder, llm, tmp_path):
+    from test_serve import running_server, wait_ready
+
+    from llama_int8.serve import served_name
+    from llama_int8.server import ServerSettings, create_app
+
+    bodies = {
+        "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": text_of(6, 3)}], "max_tokens": 6,
+                                          "n": 2, "temperature": 0.8, "top_p": 1.0, "seed": 5, "logprobs": True,
+                                          "top_logprobs": 2}),
+        "echo": ("/v1/completions", {"prompt": text_of(7, 20), "max_tokens": 0, "echo": True, "logprobs": 2,
+                                     "temperature": 0}),
+        "scored": ("/v1/completions", {"prompt": text_of(5, 9), "max_tokens": 4, "prompt_logprobs": 1, "top_k": 3,
+                                       "temperature": 1.0, "top_p": 1.0, "seed": 2}),
+    }
+    # The flags fill in what a line leaves out (top_p 0.9 here): the bodies say what the server's defaults are.
+    lines = [{"custom_id": name, "method": "POST", "url": url, "body": body} for name, (url, body) in bodies.items()]
+    requests, results = write_lines(tmp_path / "requests.jsonl", lines), tmp_path / "results.jsonl"
+    run_batch_cli(tiny_folder, requests, results)
+    got = by_id(read_results(results))
+    with running_server(create_app(ServerSettings(model_name=served_name(str(tiny_folder))), lambda: llm)) as url:
+        wait_ready(url)
+        for name, (route, body) in bodies.items():
+            served = httpx_post(f"{url}{route}", body)
+            batched = got[name]["response"]["body"]
+            for answer in (served, batched):
+                answer.pop("id"), answer.pop("created")
+            assert batched == served, name
+
+
+def test_a_line_of_ours_gets_the_scores_it_asks_for(tiny_folder, llm, tmp_path):
+    text = text_of(8, 30)
+    lines = [{"id": "echo", "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1},
+             {"id": "prompt", "prompt": text, "max_tokens": 3, "prompt_logprobs": 0, "temperature": 0}]
+    requests, results = write_lines(tmp_path / "requests.jsonl", lines), tmp_path / "results.jsonl"
+    run_batch_cli(tiny_folder, requests, results)
+    got = by_id(read_results(results))
+    prompt = llm.tokenizer.encode(text, bos=True, eos=False)
+    (scored,) = Engine(llm.model, llm.tokenizer).run([Request(prompt, 0, GREEDY, prompt_logprobs=1)])
+    expected = [None] + [s.logprob for s in scored.prompt_logprobs[1:]]
+    assert got["echo"]["text"] == text and got["echo"]["logprobs"]["token_logprobs"] == expected
+    assert "prompt_logprobs" not in got["echo"] and "logprobs" not in got["prompt"]
+    assert [None if p is None else p[str(t)]["logprob"] for p, t in zip(got["prompt"]["prompt_logprobs"], prompt)] \
+        == expected
+    assert_result_is({k: v for k, v in got["prompt"].items() if k != "prompt_logprobs"},
+                     alone(llm, completion_request(llm, text, 3)))
+
+
+def httpx_post(url: str, body: dict) -> dict:
+    import httpx
+
+    response = httpx.post(url, json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()

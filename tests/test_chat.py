@@ -97,6 +97,33 @@ def test_smollm2_template_matches_transformers(smollm2_hf, name):
     assert encode_dialog(ours, DIALOGS[name]) == reference_ids(ref, DIALOGS[name])
 
 
+PREFILLED = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"},
+             {"role": "assistant", "content": "jumps over"}]
+
+
+@pytest.mark.parametrize("folder", ["tiny", "smollm2"])
+def test_a_begun_answer_is_continued_as_transformers_continues_it(folder, tiny_template_folder, request):
+    from transformers import AutoTokenizer
+
+    path = tiny_template_folder if folder == "tiny" else request.getfixturevalue("smollm2_hf")
+    ours, ref = load_tokenizer(path / "tokenizer.json"), AutoTokenizer.from_pretrained(path)
+    expected = ref.apply_chat_template(PREFILLED, continue_final_message=True, tokenize=True, return_dict=False)
+    assert encode_dialog(ours, PREFILLED, continue_final=True) == list(expected)
+    assert ours.decode(encode_dialog(ours, PREFILLED, continue_final=True)).endswith("jumps over")
+    with pytest.raises(ValueError, match="ends with an assistant message"):
+        encode_dialog(ours, PREFILLED)
+    with pytest.raises(ValueError, match="expected the dialog to end with the assistant message"):
+        encode_dialog(ours, PREFILLED[:2], continue_final=True)
+
+
+def test_llama2_format_continues_a_begun_answer(sp_model):
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(sp_model))
+    expected = [1] + sp.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nThe quick brown fox [/INST] jumps over")
+    assert encode_dialog(SentencePieceTokenizer(sp_model), PREFILLED, continue_final=True) == expected
+
+
 def test_named_templates_without_default_rejected(tiny_template_folder, tmp_path):
     from llama_int8.tokenizer import TokenizerError
 

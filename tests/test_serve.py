@@ -275,12 +275,16 @@ def test_broken_json_answers_400(server):
     assert response.status_code == 400 and "error" in response.json()
 
 
-def test_unknown_fields_are_ignored_with_a_debug_log(server, caplog):
-    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 2, "frobnicate": 1, "stream_options": {"x": 2}}
-    with caplog.at_level(logging.DEBUG, logger="llama_int8.server"):
-        response = httpx.post(f"{server}/v1/completions", json=body, headers=headers())
-    assert response.status_code == 200
-    assert "frobnicate" in caplog.text and "stream_options.x" in caplog.text
+@pytest.mark.parametrize("extra,param,words", [
+    ({"frobnicate": 1}, "frobnicate", "not a field this server takes"),
+    ({"stream_options": {"x": 2}}, "stream_options.x", "not a field this server takes"),
+    ({"suffix": "the end"}, "suffix", "fills in the middle"),
+    ({"best_of": 3, "n": 2}, "best_of", "choices are not ranked"),
+])
+def test_fields_this_server_does_not_take_are_refused_by_name(server, extra, param, words):
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 2, **extra}
+    error = assert_openai_error(httpx.post(f"{server}/v1/completions", json=body, headers=headers()), 400, param)
+    assert words in error["message"]
 
 
 def test_prompt_that_does_not_fit_answers_context_length_exceeded(client):
