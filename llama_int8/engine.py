@@ -99,7 +99,9 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class Output:
     """What one step produced for one request: new text (safe to show), the new tokens of the
-    completion, their log-probabilities when asked, and finish_reason once it ended: "stop" (a stop
+    completion, their log-probabilities when asked (and a stop token's, which ends the completion
+    without being part of it: a scorer counts on one entry per generated token), and finish_reason
+    once it ended: "stop" (a stop
     token or string), "length" (max_tokens), "cancelled" or "error". A request that scores its
     prompt gets prompt_logprobs once, in an output of their own before any generated token: one
     per prompt token, None for the first (nothing comes before it)."""
@@ -430,12 +432,12 @@ class Engine:
             seq.seen[0, token] = True
             seq.counts[0, token] += 1
         request = seq.request
-        if token in request.stop_ids:  # the stop token is not part of the completion
+        logprobs = () if logprob is None else (logprob,)
+        if token in request.stop_ids:  # not part of the completion, but scored: it is what the model chose
             text, _ = self.rest_of_text(seq)
-            self.finish(seq, text, "stop")
+            self.finish(seq, text, "stop", logprobs=logprobs)
             return
         text, stopped = seq.stops.push(seq.decoder.push(token))
-        logprobs = () if logprob is None else (logprob,)
         if not stopped and seq.generated >= request.max_tokens:
             rest, stopped = self.rest_of_text(seq)
             self.finish(seq, text + rest, "stop" if stopped else "length", (token,), logprobs)

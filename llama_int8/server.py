@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server's app over the continuous-batching engine (engine.py); the
 command line that runs it is serve.py.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 while
-the model loads, 200 once it serves), GET /metrics (Prometheus), POST /tokenize, POST /detokenize.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (and /v1/models/{id}),
+GET /health (503 while the model loads, 200 once it serves), GET /metrics (Prometheus), POST
+/tokenize, POST /detokenize, GET /tokenizer_info.
 
 Built on FastAPI; streams are server-sent events through sse-starlette, metrics go through
 prometheus_client. The engine steps in a thread of its own; each HTTP request submits its engine
@@ -314,6 +315,20 @@ def create_app(settings: ServerSettings, load: Callable[[], Any],
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
         return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.engine.max_seq_len}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """What a client that tokenizes through this server needs (lm-eval's remote tokenizer, as vLLM
+        answers it): the special tokens' text, the chat template, the context length."""
+        serving = state.ready()
+        tokenizer = serving.tokenizer
+
+        def text(token: int | None) -> str | None:
+            return None if token is None else tokenizer.decode([token])
+
+        return {"eos_token": text(tokenizer.eos_id), "bos_token": text(tokenizer.bos_id),
+                "chat_template": tokenizer.chat_template, "vocab_size": serving.engine.vocab_size,
+                "model_max_length": serving.engine.max_seq_len}
 
     @app.post("/detokenize")
     async def detokenize(body: api.DetokenizeRequest) -> dict[str, Any]:
