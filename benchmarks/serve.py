@@ -3,9 +3,11 @@ generator at one client as the no-HTTP reference, and llama-cpp-python's server 
 
     python -m benchmarks.serve --quant int8,nf4 --clients 1,2,4,8 --max_batch_size 8
     python -m benchmarks.serve --compare llama.cpp --llama_cpp_python /path/to/venv/bin/python --json
+    python -m benchmarks.serve --quant int8 --clients 1,8 --temperature 0,1   # what sampling costs
 
 Each server runs in a process of its own, started here, on 127.0.0.1. Every client sends
---requests_per_client legacy completions one after the other, streamed, greedy, each with its own
+--requests_per_client legacy completions one after the other, streamed, greedy (or at each
+--temperature, seeded, top_p 1: what sampling costs beside greedy), each with its own
 prompt of --prompt_tokens tokens (windows of benchmarks/data/lighthouses.txt) and max_tokens
 --new_tokens; every request asks for exactly that many tokens, its stop tokens biased away
 (logit_bias -100, which both servers honour). After one warm-up request per server:
@@ -74,10 +76,11 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summary(engine: str, quant: str, clients: int, timings: list[RequestTiming], wall: float) -> dict:
+def summary(engine: str, quant: str, clients: int, timings: list[RequestTiming], wall: float,
+            temperature: float = 0.0) -> dict:
     gaps = [g for t in timings for g in t.gaps]
     ttfts = [t.ttft for t in timings]
-    return {"engine": engine, "quant": quant, "clients": clients, "requests": len(timings),
+    return {"engine": engine, "quant": quant, "temperature": temperature, "clients": clients, "requests": len(timings),
             "tok/s": sum(t.tokens for t in timings) / wall,
             "TTFT p50 s": percentile(ttfts, 0.5), "TTFT p95 s": percentile(ttfts, 0.95),
             "ITL p50 ms": 1000 * percentile(gaps, 0.5), "ITL p95 ms": 1000 * percentile(gaps, 0.95),
@@ -150,10 +153,12 @@ def has_llama_cpp_server(python: str) -> bool:
 
 # --- Clients -------------------------------------------------------------------------------------
 
-async def stream_one(client, model: str, prompt: str, new_tokens: int, bias: dict[str, float]) -> RequestTiming:
+async def stream_one(client, model: str, prompt: str, new_tokens: int, bias: dict[str, float],
+                     temperature: float) -> RequestTiming:
     timing = RequestTiming(time.perf_counter())
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
-                                             stream=True, logit_bias=bias, stream_options={"include_usage": True})
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens,
+                                             temperature=temperature, top_p=1.0, seed=0, stream=True, logit_bias=bias,
+                                             stream_options={"include_usage": True})
     counted = 0
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
@@ -166,7 +171,7 @@ async def stream_one(client, model: str, prompt: str, new_tokens: int, bias: dic
 
 
 async def run_clients(base_url: str, prompts: list[str], clients: int, per_client: int, new_tokens: int,
-                      bias: dict[str, float]) -> tuple[list[RequestTiming], float]:
+                      bias: dict[str, float], temperature: float) -> tuple[list[RequestTiming], float]:
     """clients concurrent clients, each sending per_client requests in a row; their timings and the wall time."""
     import openai
 
@@ -174,10 +179,10 @@ async def run_clients(base_url: str, prompts: list[str], clients: int, per_clien
     model = (await client.models.list()).data[0].id
 
     async def one_client(c: int) -> list[RequestTiming]:
-        return [await stream_one(client, model, prompts[(c * per_client + r) % len(prompts)], new_tokens, bias)
-                for r in range(per_client)]
+        return [await stream_one(client, model, prompts[(c * per_client + r) % len(prompts)], new_tokens, bias,
+                                 temperature) for r in range(per_client)]
 
-    await stream_one(client, model, prompts[-1], new_tokens, bias)  # warm-up
+    await stream_one(client, model, prompts[-1], new_tokens, bias, temperature)  # warm-up
     start = time.perf_counter()
     results = await asyncio.gather(*(one_client(c) for c in range(clients)))
     wall = time.perf_counter() - start
@@ -186,12 +191,13 @@ async def run_clients(base_url: str, prompts: list[str], clients: int, per_clien
 
 
 def measure_server(base_url: str, engine: str, quant: str, client_counts: list[int], prompts: list[str],
-                   per_client: int, new_tokens: int, bias: dict[str, float]) -> list[dict]:
+                   per_client: int, new_tokens: int, bias: dict[str, float], temperature: float = 0.0) -> list[dict]:
     rows = []
     for n in client_counts:
-        timings, wall = asyncio.run(run_clients(base_url, prompts, n, per_client, new_tokens, bias))
-        rows.append(summary(engine, quant, n, timings, wall))
-        print(f"{engine} {quant} {n} client(s): {rows[-1]['tok/s']:.1f} tok/s", file=sys.stderr, flush=True)
+        timings, wall = asyncio.run(run_clients(base_url, prompts, n, per_client, new_tokens, bias, temperature))
+        rows.append(summary(engine, quant, n, timings, wall, temperature))
+        print(f"{engine} {quant} T={temperature} {n} client(s): {rows[-1]['tok/s']:.1f} tok/s", file=sys.stderr,
+              flush=True)
     if client_counts[0] == 1:
         for row in rows:
             row["vs 1 client"] = f"{row['tok/s'] / rows[0]['tok/s']:.2f}x"
@@ -218,10 +224,11 @@ def measure_in_process(llm: Llama, quant: str, prompts: list[str], requests: int
 def main(ckpt_dir: str | None = None, quant: str | tuple = "int8,nf4", clients: str | int | tuple = "1,2,4,8",
          max_batch_size: int = 8, prompt_tokens: int = 64, new_tokens: int = 64, requests_per_client: int = 2,
          compare: str | None = None, llama_cpp_python: str | None = None, threads: int | None = None,
-         json: bool = False) -> None:
+         temperature: str | float | tuple = 0.0, json: bool = False) -> None:
     """Aggregate tokens/s, TTFT and inter-token latency of our server at each client count, per quant
     mode, with the in-process reference; --compare llama.cpp adds llama-cpp-python's server on the
-    same GGUF (--llama_cpp_python: the interpreter that has it, default this one).
+    same GGUF (--llama_cpp_python: the interpreter that has it, default this one). --temperature
+    "0,1" measures our server at each (seeded, top_p 1), one after the other on the same server.
 
     threads: CPU threads of every engine (default: torch's for ours, every core for llama.cpp's). On a
     machine shared with other busy processes, 1 spares them waiting on each other at every kernel.
@@ -235,6 +242,8 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8,nf4", clients: 
         raise ValueError(f"compare: {compare!r} is not 'llama.cpp'")
     modes = quant.split(",") if isinstance(quant, str) else list(quant)
     counts = [int(c) for c in (str(clients).split(",") if isinstance(clients, (str, int)) else clients)]
+    temperatures = [float(t) for t in (str(temperature).split(",") if isinstance(temperature, (str, int, float))
+                                       else temperature)]
     ckpt = Path(ckpt_dir) if ckpt_dir else demo_gguf_path()
     max_seq_len = prompt_tokens + new_tokens + 64  # room for the prompt's re-tokenization by each server
     total_requests = max(counts) * requests_per_client
@@ -248,8 +257,9 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8,nf4", clients: 
         port = free_port()
         with server_process(ours_command(ckpt, mode, max_batch_size, max_seq_len, port),
                             f"http://127.0.0.1:{port}", "/health", threads) as url:
-            rows += measure_server(url, "llama_int8 server", mode, counts, prompts, requests_per_client, new_tokens,
-                                   bias)
+            for t in temperatures:
+                rows += measure_server(url, "llama_int8 server", mode, counts, prompts, requests_per_client,
+                                       new_tokens, bias, t)
     if compare == "llama.cpp":
         python = llama_cpp_python or sys.executable
         if ckpt.suffix != ".gguf":
