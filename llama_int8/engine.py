@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grammar import Compiled, Grammars, Matcher
 from .model import Transformer
 from .sampling import SamplingParams, apply_logit_bias, next_tokens, top_logprobs
 from .textstream import IncrementalDecoder, StopStringFilter
@@ -74,7 +75,9 @@ class Request:
     stop_ids end the completion without being part of it, as do stop_strings (never shown).
     logprobs: None for none, else how many likeliest alternatives to report with each token.
     prompt_logprobs: the same for the prompt's tokens (scoring); a scored request may ask for
-    max_tokens 0, and is then done once its prompt is prefilled."""
+    max_tokens 0, and is then done once its prompt is prefilled. grammar: what the completion must
+    follow (compiled by Engine.grammars); it ends ("stop") once the grammar is complete, and a stop
+    token may end it only where the text is complete."""
 
     prompt: Sequence[int]
     max_tokens: int
@@ -83,6 +86,7 @@ class Request:
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    grammar: Compiled | None = None
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,8 @@ class Handle:
 class ActiveRequest:
     """A request in a slot: its tokens so far, how many are in the cache, and its sampling state."""
 
-    def __init__(self, handle: Handle, row: int, tokenizer: Tokenizer, vocab_size: int, device: torch.device):
+    def __init__(self, handle: Handle, row: int, tokenizer: Tokenizer, vocab_size: int, device: torch.device,
+                 matcher: Matcher | None):
         request = handle.request
         self.handle, self.request, self.row = handle, request, row
         self.tokens = list(request.prompt)
@@ -182,10 +187,20 @@ class ActiveRequest:
             self.bias = (torch.tensor(tokens, device=device), torch.tensor(values, dtype=torch.float32, device=device))
         self.decoder = IncrementalDecoder(tokenizer, self.tokens)
         self.stops = StopStringFilter(request.stop_strings)
+        self.matcher = matcher  # the request's place in its grammar, if it has one
 
     @property
     def generated(self) -> int:
         return len(self.tokens) - self.n_prompt
+
+    def grammar_mask(self) -> torch.Tensor:
+        """bool [vocab]: the tokens the grammar allows next, and the stop tokens where the text is complete."""
+        allowed = self.matcher.allowed()
+        if self.matcher.can_end():
+            allowed[sorted(self.request.stop_ids)] = True
+        if not allowed.any():  # a vocabulary without the characters the grammar needs next
+            raise ValueError("the grammar allows no token of this vocabulary here")
+        return allowed
 
     @property
     def prefilling(self) -> bool:
@@ -222,6 +237,17 @@ class Engine:
         self.lock = threading.Condition()  # guards waiting and closed; notified when work arrives
         self.closed = False
         self.ids = itertools.count()
+        self.grammars_built: Grammars | None = None
+        self.grammars_lock = threading.Lock()
+
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler of this model's tokenizer, built on first use (reading the vocabulary
+        takes a while): compile a request's grammar with it before submitting the request."""
+        with self.grammars_lock:
+            if self.grammars_built is None:
+                self.grammars_built = Grammars(self.tokenizer, self.model.args.vocab_size)
+            return self.grammars_built
 
     @property
     def max_seq_len(self) -> int:
@@ -327,8 +353,10 @@ class Engine:
                 while self.slots[row] is None and self.waiting:
                     handle = self.waiting.popleft()
                     try:
+                        grammar = handle.request.grammar
                         self.slots[row] = ActiveRequest(handle, row, self.tokenizer, self.model.args.vocab_size,
-                                                        self.model.device)
+                                                        self.model.device,
+                                                        None if grammar is None else self.grammars.matcher(grammar))
                     except Exception:  # ends this request alone; the slot goes to the next one
                         log.exception("Setting up request %d failed; ending it alone", handle.id)
                         failed.append(handle)
@@ -413,6 +441,8 @@ class Engine:
         """The next token of one sequence, [1], from its logits [1, vocab]; each row by itself, so that
         what a request draws does not depend on the requests beside it."""
         p = seq.request.sampling
+        if seq.matcher is not None:
+            logits = logits.masked_fill(~seq.grammar_mask().to(logits.device), -torch.inf)
         if seq.bias is not None:
             logits = apply_logit_bias(logits, *seq.bias)
         return next_tokens(logits, p.temperature, p.top_p, p.repetition_penalty, seq.seen, seq.generator,
@@ -437,10 +467,13 @@ class Engine:
             text, _ = self.rest_of_text(seq)
             self.finish(seq, text, "stop", logprobs=logprobs)
             return
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
         text, stopped = seq.stops.push(seq.decoder.push(token))
-        if not stopped and seq.generated >= request.max_tokens:
+        complete = seq.matcher is not None and seq.matcher.must_end()  # nothing may follow
+        if not stopped and (complete or seq.generated >= request.max_tokens):
             rest, stopped = self.rest_of_text(seq)
-            self.finish(seq, text + rest, "stop" if stopped else "length", (token,), logprobs)
+            self.finish(seq, text + rest, "stop" if stopped or complete else "length", (token,), logprobs)
         elif stopped:
             self.finish(seq, text, "stop", (token,), logprobs)
         else:

@@ -10,14 +10,16 @@ other OpenAI-compatible servers take: `top_k`, `min_p`, `repetition_penalty`, `i
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from .engine import Output, Request, TokenLogprob
+from .grammar import Compiled, GrammarSpec
 from .params import SEED_RANGE, as_float32, unencodable
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -77,7 +79,8 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "safety_identifier": ("chat", NO_OP, "OpenAI's end-user id"),
     "parallel_tool_calls": ("chat", NO_OP, "no tools are taken yet"),
     "modalities": ("chat", NO_OP, "only [\"text\"]; anything else refused"),
-    "response_format": ("chat", NO_OP, "only {\"type\": \"text\"}; structured output refused"),
+    "response_format": ("both", HONOURED, "text, json_object (any JSON object) or json_schema (enforced, strict "
+                        "or not): README, Structured output"),
     "suffix": ("completions", REFUSED, "no model this server loads fills in the middle"),
     "tools": ("chat", REFUSED, "tool calls are not supported yet"),
     "tool_choice": ("chat", REFUSED, "tool calls are not supported yet"),
@@ -93,6 +96,8 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "repetition_penalty": ("both", HONOURED, "extension: CTRL's, over prompt and completion"),
     "ignore_eos": ("both", HONOURED, "extension: generate max_tokens whatever the model says"),
     "prompt_logprobs": ("both", HONOURED, "extension: each prompt token's logprob, rank and alternatives"),
+    "structured_outputs": ("both", HONOURED, "extension: exactly one of json (a schema), regex, grammar (Lark) "
+                           "or choice (texts)"),
     "continue_final_message": ("chat", HONOURED, "extension: continue a last assistant message (the default "
                                "when the chat ends with one)"),
 }
@@ -115,6 +120,54 @@ class StreamOptions(OpenAIBody):
     include_obfuscation: bool = False  # OpenAI pads chunks against side channels: nothing to pad here
 
 
+class JsonSchema(OpenAIBody):
+    """response_format's json_schema: the schema an answer follows (enforced, strict or not)."""
+
+    name: Text = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] | bool = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBody):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema: expected with type "json_schema", and only with it')
+        return self
+
+
+class StructuredOutputs(OpenAIBody):
+    """vLLM's extension: exactly one of a JSON schema, a regular expression (matched whole), a Lark
+    grammar (llguidance's dialect, from rule `start`) or a list of texts to choose among."""
+
+    json_: dict[str, Any] | bool | None = Field(None, alias="json")
+    regex: Text | None = None
+    grammar: Text | None = None
+    choice: list[Text] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def exactly_one(self) -> StructuredOutputs:
+        given = [name for name in ("json_", "regex", "grammar", "choice") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"expected exactly one of json, regex, grammar and choice, got {len(given)}")
+        return self
+
+
+def grammar_of(outputs: StructuredOutputs) -> GrammarSpec:
+    if outputs.json_ is not None:
+        return GrammarSpec("json_schema", json.dumps(outputs.json_))
+    if outputs.regex is not None:
+        return GrammarSpec("regex", outputs.regex)
+    if outputs.grammar is not None:
+        return GrammarSpec("lark", outputs.grammar)
+    # JSON's string escapes are Lark's: each choice a literal, one of them the whole answer.
+    return GrammarSpec("lark", "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in outputs.choice))
+
+
 class GenerationFields(OpenAIBody):
     """What chat and legacy completions share."""
 
@@ -135,7 +188,24 @@ class GenerationFields(OpenAIBody):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: score the prompt, with N alternatives
     top_k: int = Field(0, ge=-1)  # vLLM's: 0 or -1 is off
     min_p: float = Field(0.0, ge=0, le=1)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     user: Text | None = None
+
+    @property
+    def grammar(self) -> tuple[GrammarSpec, str] | None:
+        """What the answer must follow, and the field that asked for it; None: free text."""
+        asked = self.response_format is not None and self.response_format.type != "text"
+        if asked and self.structured_outputs is not None:
+            raise ValueError("structured_outputs: give it or response_format, not both")
+        if self.structured_outputs is not None:
+            return grammar_of(self.structured_outputs), "structured_outputs"
+        if not asked:
+            return None
+        if self.response_format.type == "json_object":
+            return GrammarSpec("json_object", ""), "response_format"
+        schema = self.response_format.json_schema.schema_
+        return GrammarSpec("json_schema", json.dumps(schema)), "response_format.json_schema.schema"
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -164,12 +234,6 @@ class ChatMessage(OpenAIBody):
         return self.content or ""
 
 
-def text_response_format(value: dict[str, Any]) -> dict[str, Any]:
-    if value.get("type") != "text" or len(value) != 1:
-        raise ValueError('structured output is not supported yet; only {"type": "text"}')
-    return value
-
-
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
@@ -183,7 +247,6 @@ class ChatCompletionRequest(GenerationFields):
     safety_identifier: Text | None = None
     parallel_tool_calls: bool | None = None
     modalities: list[Literal["text"]] | None = None
-    response_format: Annotated[dict[str, Any], AfterValidator(text_response_format)] | None = None
 
     @property
     def dialog(self) -> list[dict[str, str]]:
@@ -280,12 +343,13 @@ def sampling_params(body: GenerationFields, choice: int = 0) -> SamplingParams:
 
 
 def engine_request(body: GenerationFields, prompt: list[int], max_tokens: int, stop_ids: frozenset[int],
-                   alternatives: int | None, choice: int = 0, prompt_alternatives: int | None = None) -> Request:
+                   alternatives: int | None, choice: int = 0, prompt_alternatives: int | None = None,
+                   grammar: Compiled | None = None) -> Request:
     """The engine request of one choice: the tokenizer's stop_ids end it unless the body ignores EOS;
-    prompt_alternatives not None scores the prompt too."""
+    prompt_alternatives not None scores the prompt too; grammar: what the answer must follow."""
     stops = frozenset() if body.ignore_eos else stop_ids
     return Request(prompt, max_tokens, sampling_params(body, choice), stops, body.stop_strings, alternatives,
-                   prompt_alternatives)
+                   prompt_alternatives, grammar)
 
 
 # --- Responses ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from . import openai_api as api
 from .engine import Completion, ContextLengthExceeded, Engine, Handle, InvalidRequest, Output, QueueFull, Request, \
     TokenLogprob
+from .grammar import Compiled, UnsupportedGrammar
 from .textstream import IncrementalDecoder
 
 Kind = Literal["chat", "completion"]
@@ -127,7 +128,7 @@ class Serving:
             raise ApiError(400, str(e), param="messages") from e
         job = Job("chat", body, [prompt], [], api.ResponseIds("chatcmpl", self.model_name), "messages")
         job.requests = self.engine_requests(job, body.completion_limit, default_max_tokens, body.alternatives,
-                                            body.prompt_logprobs)
+                                            body.prompt_logprobs, self.compiled_grammar(body))
         return job
 
     def completion(self, body: api.CompletionRequest,
@@ -143,7 +144,7 @@ class Serving:
         scored = body.logprobs if body.echo else None
         alternatives = [a for a in (scored, body.prompt_logprobs) if a is not None]
         job.requests = self.engine_requests(job, body.max_tokens, default_max_tokens, body.logprobs,
-                                            max(alternatives) if alternatives else None)
+                                            max(alternatives) if alternatives else None, self.compiled_grammar(body))
         if body.echo:
             job.echo_texts = [self.token_texts(p) for p in job.prompts]
         return job
@@ -158,8 +159,24 @@ class Serving:
             return [list(prompt)]
         return [self.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompt]
 
+    def compiled_grammar(self, body: api.GenerationFields) -> Compiled | None:
+        """The grammar the body's answers must follow, compiled here (in the caller's thread, never the
+        engine's); ApiError 400 naming the field whose grammar cannot be enforced exactly."""
+        try:
+            asked = body.grammar
+        except ValueError as e:
+            raise ApiError(400, str(e), param="structured_outputs") from e
+        if asked is None:
+            return None
+        spec, param = asked
+        try:
+            return self.engine.grammars.compile(spec)
+        except UnsupportedGrammar as e:
+            raise ApiError(400, f"{param}: {e}", param=param) from e
+
     def engine_requests(self, job: Job, max_tokens: int | None, default_max_tokens: int | None,
-                        logprobs: int | None, prompt_logprobs: int | None) -> list[Request]:
+                        logprobs: int | None, prompt_logprobs: int | None,
+                        grammar: Compiled | None = None) -> list[Request]:
         """body.n requests per prompt (seeded seed, seed + 1, ... when a seed is given); max_tokens None
         takes default_max_tokens, or what the context leaves when that is None too; 0 only scores."""
         body = job.body
@@ -176,7 +193,7 @@ class Serving:
                                         f"the prompt alone has {len(prompt)}", param=job.param,
                                    code="context_length_exceeded")
             requests += [api.engine_request(body, prompt, limit, self.tokenizer.stop_ids, logprobs, j,
-                                            prompt_logprobs) for j in range(body.n)]
+                                            prompt_logprobs, grammar) for j in range(body.n)]
         return requests
 
     def check(self, job: Job) -> None:

@@ -86,7 +86,7 @@ def test_a_refused_field_is_a_400_naming_it_and_saying_why(server, name):
 
 NO_OP_VALUES = {"user": "someone", "store": False, "metadata": {"project": "x"}, "service_tier": "auto",
                 "prompt_cache_key": "k", "safety_identifier": "s", "parallel_tool_calls": True,
-                "modalities": ["text"], "response_format": {"type": "text"}}
+                "modalities": ["text"]}
 
 
 @pytest.mark.parametrize("name", [n for n, (_, what, _) in api.FIELDS.items() if what == api.NO_OP])
@@ -97,13 +97,10 @@ def test_a_no_op_field_changes_no_answer(server, name):
             text_of(post(server, endpoint, base_body(endpoint)))
 
 
-@pytest.mark.parametrize("name,value,param,words", [
-    ("modalities", ["text", "audio"], "modalities[1]", "'text'"),
-    ("response_format", {"type": "json_object"}, "response_format", "structured output is not supported yet"),
-])
-def test_a_no_op_field_is_refused_where_it_would_ask_for_more(server, name, value, param, words):
-    error = assert_openai_error(post(server, "chat", {**base_body("chat"), name: value}), 400, param)
-    assert words in error["message"]
+def test_a_no_op_field_is_refused_where_it_would_ask_for_more(server):
+    error = assert_openai_error(post(server, "chat", {**base_body("chat"), "modalities": ["text", "audio"]}), 400,
+                                "modalities[1]")
+    assert "'text'" in error["message"]
 
 
 def test_unknown_fields_anywhere_are_refused_by_name(server):
