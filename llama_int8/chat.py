@@ -3,6 +3,10 @@
 A dialog is a list of messages: an optional system message first, then user and assistant messages
 alternating, ending with the user message the model is to answer, or, to have the model continue
 an answer begun for it (answer prefill, `continue_final=True`), with that assistant message.
+
+With tools (chat templates only), an assistant message may carry `tool_calls` in OpenAI's shape
+instead of (or with) its text; tool messages with their results follow it, then the assistant's
+next message, or the end of the dialog when the model is to answer them.
 """
 
 from __future__ import annotations
@@ -10,17 +14,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import datetime
-from typing import Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from .tokenizer import Tokenizer
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 
 class Message(TypedDict):
     role: Role
-    content: str
+    content: str  # may be None or absent on an assistant message with tool_calls
+    # An assistant message's calls in OpenAI's shape: [{"id", "type": "function", "function": {"name",
+    # "arguments": JSON text (or an object, as transformers takes them)}}].
+    tool_calls: NotRequired[list[dict[str, Any]]]
+    tool_call_id: NotRequired[str]  # a tool message: the id of the call whose result it holds
 
 
 Dialog = list[Message]
@@ -37,20 +45,28 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 LLAMA2_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, continue_final: bool = False) -> list[int]:
+def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, continue_final: bool = False,
+                  tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The prompt tokens of a dialog, ready for the assistant's answer: the tokenizer's chat template
     when it has one (rendered as transformers renders it), else the Llama 2 chat format. With
-    continue_final the dialog ends with the beginning of the answer, which the model continues."""
+    continue_final the dialog ends with the beginning of the answer, which the model continues.
+    tools: OpenAI's `tools` list ({"type": "function", "function": {...}} each), passed to the template
+    as transformers' `apply_chat_template(..., tools=...)` passes it; the Llama 2 format has none."""
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
+        if tools:
+            raise ValueError("tools: the Llama 2 chat format (this tokenizer has no chat template) has no tool "
+                             "calls; expected no tools")
         return encode_llama2_dialog(tokenizer, dialog, continue_final)
     check_dialog(dialog, continue_final)
+    check_tools(tools)
+    messages = with_argument_objects(dialog)
     special = template_special_tokens(tokenizer)
     if continue_final:
-        text = continued_answer(render_chat_template(template, dialog, special, add_generation_prompt=False),
-                                dialog[-1]["content"])
+        text = continued_answer(render_chat_template(template, messages, special, add_generation_prompt=False,
+                                                     tools=tools), dialog[-1]["content"])
     else:
-        text = render_chat_template(template, dialog, special)
+        text = render_chat_template(template, messages, special, tools=tools)
     # The template writes every special token it wants (BOS included): add none on top.
     return tokenizer.encode(text, bos=False, eos=False)
 
@@ -64,31 +80,122 @@ def continued_answer(rendered: str, answer: str) -> str:
     return rendered[:end + len(answer.strip())]
 
 
+# The roles that may follow a message of each role after the system message; tool results follow an
+# assistant message with tool_calls instead.
+NEXT_ROLES: dict[str, tuple[str, ...]] = {"user": ("assistant",), "assistant": ("user",),
+                                          "tool": ("tool", "assistant")}
+
+
 def check_dialog(dialog: Dialog, continue_final: bool = False) -> None:
     """Raise ValueError naming the first message that breaks the shape system? (user assistant)* user,
-    or, with continue_final, system? (user assistant)+."""
+    or, with continue_final, system? (user assistant)+; where an assistant message has tool_calls,
+    one or more tool messages with their results follow it, then an assistant message or the end."""
     if not isinstance(dialog, list) or not dialog:
         raise ValueError(f"dialog: expected a non-empty list of messages, got {dialog!r}")
     for i, message in enumerate(dialog):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise ValueError(f"message {i}: expected a dict with a 'role' and a string 'content', got {message!r}")
-        if message.get("role") not in ROLES:
-            raise ValueError(f"message {i}: unknown role {message.get('role')!r}; expected one of {', '.join(ROLES)}")
+        check_message(i, message)
     offset = 1 if dialog[0]["role"] == "system" else 0
     if offset == len(dialog):
         raise ValueError("dialog: a system message alone; expected a user message after it")
+    calls: list[dict[str, Any]] = []  # those of the last assistant message, which tool messages answer
     for i in range(offset, len(dialog)):
-        expected = "user" if (i - offset) % 2 == 0 else "assistant"
-        if dialog[i]["role"] != expected:
-            where = " (a system message may only come first)" if dialog[i]["role"] == "system" else ""
-            raise ValueError(f"message {i}: expected role {expected!r}, got {dialog[i]['role']!r}{where}; "
-                             "messages must alternate user/assistant, starting with user")
-    if continue_final and dialog[-1]["role"] != "assistant":
+        expected = next_roles(dialog[i - 1]) if i > offset else ("user",)
+        role = dialog[i]["role"]
+        if role not in expected:
+            where = " (a system message may only come first)" if role == "system" else ""
+            raise ValueError(f"message {i}: expected role {' or '.join(map(repr, expected))}, got {role!r}{where}; "
+                             "messages must alternate user/assistant, starting with user (tool messages follow "
+                             "an assistant message with tool_calls)")
+        if role == "assistant":
+            calls = dialog[i].get("tool_calls") or []
+        if role == "tool":
+            check_tool_call_id(i, dialog[i], calls)
+    last = dialog[-1]
+    if continue_final and (last["role"] != "assistant" or last.get("tool_calls")):
         raise ValueError(f"message {len(dialog) - 1}: expected the dialog to end with the assistant message "
-                         "to continue")
-    if not continue_final and dialog[-1]["role"] != "user":
+                         "to continue (its text, without tool_calls)")
+    if not continue_final and last["role"] == "assistant":
+        what = "results (tool messages)" if last.get("tool_calls") else "user message"
         raise ValueError(f"message {len(dialog) - 1}: the dialog ends with an assistant message; "
-                         "expected it to end with the user message to answer (or ask to continue it)")
+                         f"expected it to end with the {what} to answer (or ask to continue it)")
+
+
+def next_roles(message: Message) -> tuple[str, ...]:
+    return ("tool",) if message.get("tool_calls") else NEXT_ROLES[message["role"]]
+
+
+def check_message(i: int, message: Any) -> None:
+    """A dict with a known role and string content (an assistant message with tool_calls may have none)."""
+    if not isinstance(message, dict):
+        raise ValueError(f"message {i}: expected a dict with a 'role' and a string 'content', got {message!r}")
+    if message.get("role") not in ROLES:
+        raise ValueError(f"message {i}: unknown role {message.get('role')!r}; expected one of {', '.join(ROLES)}")
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if message["role"] != "assistant":
+            raise ValueError(f"message {i}: a {message['role']} message with tool_calls; only assistant "
+                             "messages carry them")
+        check_tool_calls(i, calls)
+    if not isinstance(message.get("content"), str) and not (calls and message.get("content") is None):
+        raise ValueError(f"message {i}: expected a dict with a 'role' and a string 'content', got {message!r}")
+
+
+def check_tool_calls(i: int, calls: Any) -> None:
+    if not isinstance(calls, list) or not calls:
+        raise ValueError(f"message {i}: tool_calls: expected a non-empty list of calls, got {calls!r}")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
+                or not isinstance(call.get("id", ""), str)):
+            raise ValueError(f"message {i}: tool_calls[{j}]: expected {{'id': str, 'type': 'function', 'function': "
+                             f"{{'name': str, 'arguments': JSON text}}}}, got {call!r}")
+        if not isinstance(arguments_object(function.get("arguments")), dict):
+            raise ValueError(f"message {i}: tool_calls[{j}]: arguments: expected the JSON text of an object, "
+                             f"got {function.get('arguments')!r}")
+
+
+def arguments_object(arguments: Any) -> Any:
+    """A call's arguments as the object they stand for: OpenAI sends JSON text, transformers an object."""
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except (ValueError, RecursionError):
+        return None
+
+
+def check_tool_call_id(i: int, message: Message, calls: list[dict[str, Any]]) -> None:
+    """A tool message's tool_call_id, when it has one, must name a call of the assistant message before."""
+    call_id = message.get("tool_call_id")
+    ids = [call["id"] for call in calls if "id" in call]
+    if call_id is not None and (not isinstance(call_id, str) or (ids and call_id not in ids)):
+        raise ValueError(f"message {i}: tool_call_id {call_id!r} names none of the assistant's tool_calls "
+                         f"({', '.join(map(repr, ids))})")
+
+
+def check_tools(tools: Any) -> None:
+    """None, or OpenAI's tools list: {"type": "function", "function": {"name", ...}} each."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise ValueError(f"tools: expected a list of {{'type': 'function', 'function': {{...}}}}, got {tools!r}")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name', 'description', "
+                             f"'parameters'}}}}, got {tool!r}")
+
+
+def with_argument_objects(dialog: Dialog) -> Dialog:
+    """The dialog with its tool calls' arguments as objects: chat templates write them with tojson, as
+    transformers documents, so JSON text (OpenAI's shape) would come out quoted."""
+    return [{**message, "tool_calls": [with_argument_object(call) for call in message["tool_calls"]]}
+            if message.get("tool_calls") else message for message in dialog]
+
+
+def with_argument_object(call: dict[str, Any]) -> dict[str, Any]:
+    function = call["function"]
+    return {**call, "function": {**function, "arguments": arguments_object(function["arguments"])}}
 
 
 # --- Llama 2 ---------------------------------------------------------------------------------------
@@ -99,6 +206,9 @@ def encode_llama2_dialog(tokenizer: Tokenizer, dialog: Dialog, continue_final: b
     first user message between <<SYS>> tags."""
     check_dialog(dialog, continue_final)
     for i, message in enumerate(dialog):
+        if message["role"] == "tool" or message.get("tool_calls"):
+            raise ValueError(f"message {i}: the Llama 2 chat format (this tokenizer has no chat template) has no "
+                             "tool calls or results; expected user and assistant text")
         tags = [tag for tag in LLAMA2_TAGS if tag in message["content"]]
         if tags:
             raise ValueError(f"message {i}: contains the chat tag(s) {', '.join(tags)}, which the Llama 2 "
@@ -130,15 +240,15 @@ def fold_system_message(dialog: Dialog) -> Dialog:
 # --- Jinja chat templates --------------------------------------------------------------------------
 
 def render_chat_template(template: str, dialog: Dialog, special_tokens: dict[str, str],
-                         add_generation_prompt: bool = True) -> str:
+                         add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
     """Render a chat template as transformers' `apply_chat_template` does: a sandboxed jinja2
     environment with trim_blocks and lstrip_blocks, its helper functions, and the tokenizer's
-    named special tokens as variables."""
+    named special tokens and the tools as variables."""
     from jinja2.exceptions import TemplateError
 
     messages = [{k: v for k, v in m.items() if v is not None} for m in dialog]  # as transformers does
     try:
-        return compile_chat_template(template).render(messages=messages, tools=None, documents=None,
+        return compile_chat_template(template).render(messages=messages, tools=tools, documents=None,
                                                       add_generation_prompt=add_generation_prompt, **special_tokens)
     except TemplateError as e:
         raise ValueError(f"chat template: {e}") from e
@@ -199,16 +309,18 @@ def template_special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
 # --- Long conversations ----------------------------------------------------------------------------
 
 def fit_dialog(encode: Callable[[Dialog], list[int]], dialog: Dialog, max_tokens: int) -> tuple[Dialog, int]:
-    """The dialog with its oldest user/assistant exchanges dropped until it encodes to at most
-    max_tokens, and how many exchanges were dropped; the system message is always kept.
+    """The dialog with its oldest exchanges (a user message and all that answers it: the assistant's
+    messages, tool calls and results) dropped until it encodes to at most max_tokens, and how many
+    exchanges were dropped; the system message is always kept.
 
     Raises ValueError when even the last user message alone does not fit."""
     offset = 1 if dialog and dialog[0]["role"] == "system" else 0
     dropped = 0
     while len(encode(dialog)) > max_tokens:
-        if len(dialog) - offset <= 1:
+        next_user = next((i for i in range(offset + 1, len(dialog)) if dialog[i]["role"] == "user"), None)
+        if next_user is None:
             raise ValueError(f"the last message alone needs {len(encode(dialog))} tokens, more than the "
                              f"{max_tokens} available; raise --max_seq_len or shorten it")
-        dialog = dialog[:offset] + dialog[offset + 2:]
+        dialog = dialog[:offset] + dialog[next_user:]
         dropped += 1
     return dialog, dropped

@@ -13,6 +13,7 @@ import pytest
 from llama_int8 import Llama
 from llama_int8.chat import encode_dialog, encode_llama2_dialog, fit_dialog
 from llama_int8.tokenizer import SentencePieceTokenizer, load_tokenizer
+from llama_int8.tool_calls import parser_for_template
 
 from conftest import CORPUS, tiny_hf_model, write_hf_folder
 
@@ -140,6 +141,246 @@ def test_template_raise_exception_is_a_value_error(tiny_template_folder):
                          "{% endif %}")
     with pytest.raises(ValueError, match="needs a system message"):
         encode_dialog(tok, DIALOGS["one question"])
+
+
+# --- Tools, tool calls and results against transformers -------------------------------------------------
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather now in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                       "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time now in a time zone.",
+                                      "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}},
+]
+
+
+def openai_call(call_id: str, name: str, **arguments) -> dict:
+    """A call as OpenAI's API writes it: its arguments as JSON text."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+ASKED = {"role": "user", "content": "What is the weather in Paris?"}
+CALLED = {"role": "assistant", "content": None, "tool_calls": [openai_call("call_1", "get_weather", city="Paris")]}
+RESULT = {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18, "unit": "celsius"}'}
+CALLED_TWICE = {"role": "assistant", "content": "Let me look.",
+                "tool_calls": [openai_call("call_1", "get_weather", city="Paris", unit="celsius"),
+                               openai_call("call_2", "get_time", zone="Europe/Paris")]}
+TIME_RESULT = {"role": "tool", "tool_call_id": "call_2", "content": "14:05"}
+ANSWERED = {"role": "assistant", "content": "It is 18 °C in Paris."}
+TOOL_DIALOGS = {
+    "tools offered": [SYSTEM, ASKED],
+    "call and result": [ASKED, CALLED, RESULT],
+    "text with the call": [SYSTEM, ASKED, {**CALLED, "content": "I will check."}, RESULT],
+    "answered, next question": [SYSTEM, ASKED, CALLED, RESULT, ANSWERED, {"role": "user", "content": "And Berlin?"}],
+    "two calls": [ASKED, CALLED_TWICE, RESULT, TIME_RESULT],
+}
+
+# A Hermes-style template (the calls as <tool_call> blocks of {"name", "arguments"}, the results in a
+# user turn), written for these tests.
+HERMES_STYLE_TEMPLATE = """{{ bos_token }}
+{% if tools %}
+<|turn|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}
+You may call these functions:
+<tools>
+{% for tool in tools %}
+{{ tool | tojson }}
+{% endfor %}
+</tools>
+Write each call as <tool_call>
+{"name": <name>, "arguments": <object>}
+</tool_call>{{ eos_token }}
+{% elif messages[0].role == 'system' %}
+<|turn|>system
+{{ messages[0].content }}{{ eos_token }}
+{% endif %}
+{% for m in messages %}
+{% if m.role == 'user' or (m.role == 'assistant' and not m.tool_calls) %}
+<|turn|>{{ m.role }}
+{{ m.content }}{{ eos_token }}
+{% elif m.role == 'assistant' %}
+<|turn|>assistant
+{% if m.content %}{{ m.content }}
+{% endif %}
+{% for call in m.tool_calls %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{% endfor %}
+{{ eos_token }}
+{% elif m.role == 'tool' %}
+{% if messages[loop.index0 - 1].role != 'tool' %}<|turn|>user
+{% endif %}
+<tool_response>
+{{ m.content }}
+</tool_response>
+{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+{{ eos_token }}
+{% endif %}
+{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}<|turn|>assistant
+{% endif %}"""
+
+# A Llama-3.1-style template (the tools in the first user message, one call at a time as JSON with
+# "parameters", the results in an ipython turn), written for these tests.
+LLAMA3_STYLE_TEMPLATE = """{{ bos_token }}
+{% set first_user = 1 if messages[0].role == 'system' else 0 %}
+{% for m in messages %}
+{% if loop.index0 == first_user and tools is not none %}
+<|turn|>user
+Given the following functions, answer with a JSON for a function call: {"name": function name, \
+"parameters": dictionary of argument name and its value}.
+{% for t in tools %}
+{{ t | tojson(indent=4) }}
+
+{% endfor %}
+{{ m.content }}{{ eos_token }}
+{% elif m.tool_calls is defined %}
+{% if m.tool_calls | length != 1 %}
+{{ raise_exception('This model only supports single tool-calls at once!') }}
+{% endif %}
+{% set call = m.tool_calls[0].function %}
+<|turn|>assistant
+<|python_tag|>{"name": "{{ call.name }}", "parameters": {{ call.arguments | tojson }}}{{ eos_token }}
+{% elif m.role == 'tool' %}
+<|turn|>ipython
+{{ m.content }}{{ eos_token }}
+{% else %}
+<|turn|>{{ m.role }}
+{{ m.content }}{{ eos_token }}
+{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}<|turn|>assistant
+{% endif %}"""
+
+TOOL_TEMPLATES = {"hermes": HERMES_STYLE_TEMPLATE, "llama3": LLAMA3_STYLE_TEMPLATE}
+
+
+@pytest.fixture(scope="module", params=list(TOOL_TEMPLATES))
+def tool_template_folder(request, tiny_template_folder, tmp_path_factory) -> Path:
+    """The tiny tokenizer with one of the tool templates as its only one."""
+    folder = tmp_path_factory.mktemp(f"tools-{request.param}")
+    (folder / "tokenizer.json").write_bytes((tiny_template_folder / "tokenizer.json").read_bytes())
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+              "chat_template": TOOL_TEMPLATES[request.param]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_tool_templates_name_their_parser():
+    assert parser_for_template(HERMES_STYLE_TEMPLATE) == "hermes"
+    assert parser_for_template(LLAMA3_STYLE_TEMPLATE) == "llama3_json"
+
+
+def both_tokenizers(folder: Path):
+    """Ours and transformers' tokenizer of a folder."""
+    from transformers import AutoTokenizer
+
+    return load_tokenizer(folder / "tokenizer.json"), AutoTokenizer.from_pretrained(folder)
+
+
+def transformers_messages(dialog: list[dict]) -> list[dict]:
+    """The dialog as transformers documents tool calls: their arguments as objects, not JSON text."""
+    def with_object(call):
+        return {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+    return [{**m, "tool_calls": [with_object(c) for c in m["tool_calls"]]} if "tool_calls" in m else m for m in dialog]
+
+
+@pytest.mark.parametrize("name", list(TOOL_DIALOGS))
+def test_tool_dialogs_match_transformers(tool_template_folder, name):
+    dialog = TOOL_DIALOGS[name]
+    ours, ref = both_tokenizers(tool_template_folder)
+    if ours.chat_template == LLAMA3_STYLE_TEMPLATE and name == "two calls":
+        with pytest.raises(ValueError, match="chat template: This model only supports single tool-calls"):
+            encode_dialog(ours, dialog, tools=TOOLS)
+        return
+    expected = ref.apply_chat_template(transformers_messages(dialog), tools=TOOLS, add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+    assert encode_dialog(ours, dialog, tools=TOOLS) == list(expected)
+    # transformers' own shape of the calls (arguments as objects) is taken as well.
+    assert encode_dialog(ours, transformers_messages(dialog), tools=TOOLS) == list(expected)
+    text = ours.decode(encode_dialog(ours, dialog, tools=TOOLS))
+    assert "get_time" in text and '\\"' not in text  # the tools shown; arguments not quoted as a string
+
+
+def test_an_answer_after_tool_results_is_continued_as_transformers_continues_it(tool_template_folder):
+    dialog = [ASKED, CALLED, RESULT, {"role": "assistant", "content": "It is 18"}]
+    ours, ref = both_tokenizers(tool_template_folder)
+    expected = ref.apply_chat_template(transformers_messages(dialog), tools=TOOLS, continue_final_message=True,
+                                       tokenize=True, return_dict=False)
+    assert encode_dialog(ours, dialog, continue_final=True, tools=TOOLS) == list(expected)
+    with pytest.raises(ValueError, match="message 1: expected the dialog to end with the assistant message to"):
+        encode_dialog(ours, [ASKED, CALLED], continue_final=True, tools=TOOLS)
+
+
+@pytest.mark.parametrize("name", list(TOOL_DIALOGS))
+def test_smollm2_template_renders_tool_dialogs_as_transformers_does(smollm2_hf, name):
+    """SmolLM2's template shows no tools, and writes a tool message as a turn of role "tool"."""
+    # Its template joins every message's content with "+": a call's empty text must be "", not None.
+    dialog = [{**m, "content": m["content"] or ""} for m in TOOL_DIALOGS[name]]
+    ours, ref = both_tokenizers(smollm2_hf)
+    expected = ref.apply_chat_template(transformers_messages(dialog), tools=TOOLS, add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+    assert encode_dialog(ours, dialog, tools=TOOLS) == list(expected)
+
+
+MALFORMED_TOOL_DIALOGS = [
+    ([ASKED, RESULT], "message 1: expected role 'assistant', got 'tool'"),
+    ([RESULT], "message 0: expected role 'user', got 'tool'"),
+    ([ASKED, CALLED, ASKED], "message 2: expected role 'tool', got 'user'"),
+    ([ASKED, CALLED, RESULT, ASKED], "message 3: expected role 'tool' or 'assistant', got 'user'"),
+    ([ASKED, ANSWERED, RESULT], "message 2: expected role 'user', got 'tool'"),
+    ([ASKED, CALLED], "message 1: the dialog ends with an assistant message; expected it to end with the results"),
+    ([ASKED, CALLED, {**RESULT, "tool_call_id": "call_9"}], "message 2: tool_call_id 'call_9' names none of the "
+                                                             "assistant's tool_calls \\('call_1'\\)"),
+    ([{**ASKED, "tool_calls": CALLED["tool_calls"]}], "message 0: a user message with tool_calls"),
+    ([ASKED, {**CALLED, "tool_calls": []}, RESULT], "message 1: tool_calls: expected a non-empty list"),
+    ([ASKED, {**CALLED, "tool_calls": [{"name": "get_time"}]}, RESULT], r"message 1: tool_calls\[0\]: expected"),
+    ([ASKED, {**CALLED, "tool_calls": [{"function": {"name": "f", "arguments": "{city: Paris}"}}]}, RESULT],
+     r"message 1: tool_calls\[0\]: arguments: expected the JSON text of an object, got '\{city: Paris\}'"),
+    ([ASKED, {"role": "assistant", "content": None}, ASKED], "message 1: expected a dict with a 'role' and a string"),
+    ([ASKED, CALLED, {"role": "tool", "content": None}], "message 2: expected a dict with a 'role' and a string"),
+]
+
+
+@pytest.mark.parametrize("dialog, problem", MALFORMED_TOOL_DIALOGS)
+def test_malformed_tool_dialogs_rejected(tiny_template_folder, dialog, problem):
+    with pytest.raises(ValueError, match=problem):
+        encode_dialog(load_tokenizer(tiny_template_folder / "tokenizer.json"), dialog, tools=TOOLS)
+
+
+@pytest.mark.parametrize("tools, problem", [
+    ({"get_time": {}}, "tools: expected a list"),
+    ([{"name": "get_time"}], r"tools\[0\]: expected \{'type': 'function', 'function'"),
+])
+def test_malformed_tools_rejected(tiny_template_folder, tools, problem):
+    with pytest.raises(ValueError, match=problem):
+        encode_dialog(load_tokenizer(tiny_template_folder / "tokenizer.json"), [ASKED], tools=tools)
+
+
+def test_llama2_format_refuses_tools(sp_model):
+    tok = SentencePieceTokenizer(sp_model)
+    with pytest.raises(ValueError, match="tools: the Llama 2 chat format .* has no tool calls"):
+        encode_dialog(tok, [ASKED], tools=TOOLS)
+    with pytest.raises(ValueError, match="message 1: the Llama 2 chat format .* has no tool calls or results"):
+        encode_dialog(tok, [ASKED, CALLED, RESULT])
+    assert encode_dialog(tok, [ASKED], tools=[]) == encode_dialog(tok, [ASKED])  # no tool offered
+
+
+def test_fit_dialog_drops_a_whole_exchange_with_its_tool_calls(tiny_template_folder, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes((tiny_template_folder / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": HERMES_STYLE_TEMPLATE}))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    encode = lambda d: encode_dialog(tok, d, tools=TOOLS)  # noqa: E731
+    dialog = TOOL_DIALOGS["answered, next question"]
+    assert fit_dialog(encode, dialog, len(encode(dialog)) - 1) == ([dialog[0], dialog[-1]], 1)
+    with pytest.raises(ValueError, match="the last message alone needs"):
+        fit_dialog(encode, TOOL_DIALOGS["call and result"], len(encode(TOOL_DIALOGS["call and result"])) - 1)
 
 
 # --- Llama 2 format against hand-built sequences --------------------------------------------------------
