@@ -7,7 +7,7 @@ import time
 from collections.abc import Collection, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 
@@ -220,9 +220,10 @@ class Llama:
         bounds the chunks), which is faster when no stream waits on its next token."""
         return Engine(self.model, self.tokenizer, max_queue, self.model.max_seq_len if whole_prompts else None)
 
-    def encode_dialog(self, dialog: Dialog, continue_final: bool = False) -> list[int]:
+    def encode_dialog(self, dialog: Dialog, continue_final: bool = False,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The prompt tokens of a dialog in this model's chat format (see chat.encode_dialog)."""
-        return encode_dialog(self.tokenizer, dialog, continue_final)
+        return encode_dialog(self.tokenizer, dialog, continue_final, tools)
 
     def chat_completion(self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: int | None = None, repetition_penalty: float = 1.0,

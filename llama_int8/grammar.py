@@ -44,6 +44,10 @@ GRAMMAR_KINDS = ("json_object", "json_schema", "regex", "lark")
 # model cannot spend its tokens on whitespace (llguidance's default, [ \t\n\r]+, and even a bound of
 # 40 tabs let SmolLM2 fill its budget with them).
 JSON_WHITESPACE = r"\x20|\n\x20{0,16}"
+# How llguidance writes JSON under a schema (its "x-guidance" options): that whitespace around plain
+# `,` and `:`, and an unsupported keyword an error, never dropped.
+JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE, "item_separator": ",", "key_separator": ":",
+                "lenient": False, "coerce_one_of": False}
 
 # What llguidance's JSON Schema compiler enforces (its docs/json_schema.md), said in UnsupportedGrammar.
 SUPPORTED = {
@@ -181,12 +185,10 @@ class Matcher:
 def llguidance_grammar(spec: GrammarSpec) -> str:
     """spec in llguidance's grammar format. JSON whitespace follows JSON_WHITESPACE around plain `,`
     and `:`, and unsupported schema keywords are errors, whatever a schema's own "x-guidance" asks."""
-    json_options = {"whitespace_pattern": JSON_WHITESPACE, "item_separator": ",", "key_separator": ":",
-                    "lenient": False, "coerce_one_of": False}
     if spec.kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=json_options)
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
     if spec.kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(parse_schema(spec.source), overrides=json_options)
+        return llguidance.LLMatcher.grammar_from_json_schema(parse_schema(spec.source), overrides=JSON_OPTIONS)
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.source)
     return llguidance.LLMatcher.grammar_from_lark(spec.source)

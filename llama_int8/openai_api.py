@@ -77,13 +77,13 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "service_tier": ("chat", NO_OP, "one tier"),
     "prompt_cache_key": ("chat", NO_OP, "an OpenAI cache hint"),
     "safety_identifier": ("chat", NO_OP, "OpenAI's end-user id"),
-    "parallel_tool_calls": ("chat", NO_OP, "no tools are taken yet"),
+    "parallel_tool_calls": ("chat", HONOURED, "false: one call at most (enforced with required or a named tool)"),
     "modalities": ("chat", NO_OP, "only [\"text\"]; anything else refused"),
     "response_format": ("both", HONOURED, "text, json_object (any JSON object) or json_schema (enforced, strict "
                         "or not): README, Structured output"),
     "suffix": ("completions", REFUSED, "no model this server loads fills in the middle"),
-    "tools": ("chat", REFUSED, "tool calls are not supported yet"),
-    "tool_choice": ("chat", REFUSED, "tool calls are not supported yet"),
+    "tools": ("chat", HONOURED, "functions, through the chat template: README, Structured output and tools"),
+    "tool_choice": ("chat", HONOURED, "none, auto, required or a named function (both enforced by a grammar)"),
     "functions": ("chat", REFUSED, "OpenAI's deprecated tool calls: not supported"),
     "function_call": ("chat", REFUSED, "OpenAI's deprecated tool calls: not supported"),
     "audio": ("chat", REFUSED, "text output only"),
@@ -222,16 +222,61 @@ class TextPart(OpenAIBody):
     text: Text
 
 
+class FunctionCall(OpenAIBody):
+    name: Text
+    arguments: Text  # JSON text of an object
+
+
+class ToolCall(OpenAIBody):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBody):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: Text | None = None  # a tool message: the call whose result it holds
+    refusal: Text | None = None  # OpenAI's, on an assistant message it returned: not shown to the model
 
     @property
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def message(self) -> dict[str, Any]:
+        """As chat.encode_dialog takes it; OpenAI's `developer` role is the system's."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        out["content"] = None if self.tool_calls and not self.text else self.text
+        if self.tool_calls:
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDefinition(OpenAIBody):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # the arguments follow parameters when a call is enforced, strict or not
+
+
+class Tool(OpenAIBody):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(OpenAIBody):
+    name: Text
+
+
+class NamedToolChoice(OpenAIBody):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -247,11 +292,13 @@ class ChatCompletionRequest(GenerationFields):
     safety_identifier: Text | None = None
     parallel_tool_calls: bool | None = None
     modalities: list[Literal["text"]] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     @property
-    def dialog(self) -> list[dict[str, str]]:
-        """The messages as chat.encode_dialog takes them; OpenAI's `developer` role is the system's."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in self.messages]
+    def dialog(self) -> list[dict[str, Any]]:
+        """The messages as chat.encode_dialog takes them."""
+        return [m.message() for m in self.messages]
 
     @property
     def completion_limit(self) -> int | None:

@@ -30,6 +30,7 @@ from .engine import Completion, ContextLengthExceeded, Engine, Handle, InvalidRe
     TokenLogprob
 from .grammar import Compiled, UnsupportedGrammar
 from .textstream import IncrementalDecoder
+from .tool_use import ToolUse, tool_use_of
 
 Kind = Literal["chat", "completion"]
 BODIES: dict[Kind, type[api.GenerationFields]] = {"chat": api.ChatCompletionRequest,
@@ -64,6 +65,7 @@ class Job:
     ids: api.ResponseIds
     param: str  # the field a prompt's error names
     echo_texts: list[str] = field(default_factory=list)  # per prompt, when the body echoes it
+    tool_use: ToolUse | None = None  # a chat with tools
 
     @property
     def prompt_tokens(self) -> int:
@@ -80,15 +82,17 @@ class Job:
 
 class Serving:
     """The OpenAI endpoints' logic over one engine; encode_dialog turns messages into prompt tokens
-    through the model's chat template. A body naming another model than model_name is refused (404)
-    unless model_must_match is False."""
+    through the model's chat template (encode_dialog(dialog, continue_final, tools=...)). A body naming
+    another model than model_name is refused (404) unless model_must_match is False. tool_parser: the
+    format of the model's tool calls (tool_calls.PARSERS), where its chat template does not show it."""
 
-    def __init__(self, engine: Engine, encode_dialog: Callable[[list[dict[str, str]], bool], list[int]],
-                 model_name: str, model_must_match: bool = True):
+    def __init__(self, engine: Engine, encode_dialog: Callable[..., list[int]], model_name: str,
+                 model_must_match: bool = True, tool_parser: str | None = None):
         self.engine, self.tokenizer = engine, engine.tokenizer
         self.encode_dialog = encode_dialog
         self.model_name = model_name
         self.model_must_match = model_must_match
+        self.tool_parser = tool_parser
 
     # --- Requests ------------------------------------------------------------------------------------
 
@@ -122,14 +126,27 @@ class Serving:
             raise ApiError(400, "continue_final_message: true needs a chat that ends with an assistant message" if
                            continuing else "continue_final_message: false, but the chat ends with an assistant "
                            "message; drop it, or let the model continue it", param="continue_final_message")
+        tool_use = self.tool_use(body)
         try:
-            prompt = self.encode_dialog(body.dialog, continuing)
+            dialog = body.dialog if tool_use is None else tool_use.prompt_dialog(body.dialog, continuing)
+            prompt = self.encode_dialog(dialog, continuing, tools=tool_use and tool_use.template_tools())
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
-        job = Job("chat", body, [prompt], [], api.ResponseIds("chatcmpl", self.model_name), "messages")
+        job = Job("chat", body, [prompt], [], api.ResponseIds("chatcmpl", self.model_name), "messages",
+                  tool_use=tool_use)
         job.requests = self.engine_requests(job, body.completion_limit, default_max_tokens, body.alternatives,
-                                            body.prompt_logprobs, self.compiled_grammar(body))
+                                            body.prompt_logprobs, self.compiled_grammar(body, tool_use))
         return job
+
+    def tool_use(self, body: api.ChatCompletionRequest) -> ToolUse | None:
+        """How the chat's tools may be used (None without tools); ApiError 400 for a choice that cannot be."""
+        tools = [t.model_dump(exclude_unset=True) for t in body.tools] if body.tools else None
+        choice = body.tool_choice
+        try:
+            return tool_use_of(tools, choice if isinstance(choice, str | None) else choice.model_dump(),
+                               body.parallel_tool_calls, self.tokenizer.chat_template, self.tool_parser)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="tool_choice") from e
 
     def completion(self, body: api.CompletionRequest,
                    default_max_tokens: int | None = api.COMPLETIONS_DEFAULT_MAX_TOKENS) -> Job:
@@ -159,13 +176,21 @@ class Serving:
             return [list(prompt)]
         return [self.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompt]
 
-    def compiled_grammar(self, body: api.GenerationFields) -> Compiled | None:
-        """The grammar the body's answers must follow, compiled here (in the caller's thread, never the
-        engine's); ApiError 400 naming the field whose grammar cannot be enforced exactly."""
+    def compiled_grammar(self, body: api.GenerationFields, tool_use: ToolUse | None = None) -> Compiled | None:
+        """The grammar the body's answers must follow (its response format, or a call it requires),
+        compiled here (in the caller's thread, never the engine's); ApiError 400 naming the field whose
+        grammar cannot be enforced exactly."""
         try:
             asked = body.grammar
+            calls = tool_use and tool_use.grammar()
         except ValueError as e:
-            raise ApiError(400, str(e), param="structured_outputs") from e
+            raise ApiError(400, str(e), param="tool_choice" if str(e).startswith("tool_choice") else
+                           "structured_outputs") from e
+        if asked is not None and calls is not None:
+            raise ApiError(400, "tool_choice: a required tool call leaves no room for a response_format or "
+                                "structured_outputs as well", param="tool_choice")
+        if calls is not None:
+            asked = calls, "tool_choice"
         if asked is None:
             return None
         spec, param = asked
@@ -240,10 +265,10 @@ class Serving:
         completion_tokens = sum(r.completion_tokens for r in results)
         if job.kind == "chat":
             body: api.ChatCompletionRequest = job.body
-            choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+            choices = [{"index": i, **self.chat_message(job, r),
                         "logprobs": None if body.alternatives is None
-                        else {"content": api.chat_logprob_entries(self.tokenizer, r.logprobs)},
-                        "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+                        else {"content": api.chat_logprob_entries(self.tokenizer, r.logprobs)}}
+                       for i, r in enumerate(results)]
             response = api.chat_response(job.ids, choices, job.prompt_tokens, completion_tokens)
             if body.prompt_logprobs is not None:
                 response["prompt_logprobs"] = self.vllm_prompt_logprobs(results[0].prompt_logprobs,
@@ -251,6 +276,14 @@ class Serving:
             return response
         choices = [self.completion_choice(job, i, r) for i, r in enumerate(results)]
         return api.completion_response(job.ids, choices, job.prompt_tokens, completion_tokens)
+
+    @staticmethod
+    def chat_message(job: Job, r: Completion) -> dict[str, Any]:
+        """A chat choice's message and finish reason: its tool calls read out where it has tools."""
+        if job.tool_use is None:
+            return {"message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
+        message, reason = job.tool_use.answer(r.text, r.finish_reason)
+        return {"message": message, "finish_reason": reason}
 
     def completion_choice(self, job: Job, i: int, r: Completion) -> dict[str, Any]:
         body: api.CompletionRequest = job.body
@@ -326,6 +359,7 @@ class Stream:
         self.started = [False] * len(job.requests)
         # Each generated token's share of the text, for legacy logprobs: decoded after its prompt.
         self.decoders = [IncrementalDecoder(serving.tokenizer, r.prompt) for r in job.requests]
+        self.readers = [job.tool_use.stream_reader() for _ in job.requests] if job.tool_use else []
 
     def start(self) -> list[dict[str, Any]]:
         """Chat: a first chunk per choice with the role, as OpenAI's clients expect."""
@@ -350,12 +384,19 @@ class Stream:
     def chat_chunks(self, i: int, out: Output) -> list[dict[str, Any]]:
         body: api.ChatCompletionRequest = self.job.body
         chunks = []
-        if out.text or out.logprobs:
-            logprobs = (None if body.alternatives is None
-                        else {"content": api.chat_logprob_entries(self.serving.tokenizer, out.logprobs)})
+        final = out.finish_reason is not None
+        logprobs = (None if body.alternatives is None
+                    else {"content": api.chat_logprob_entries(self.serving.tokenizer, out.logprobs)})
+        if self.readers:
+            deltas = self.readers[i].push(out.text, final) or ([{"content": ""}] if out.logprobs else [])
+            for delta in deltas:
+                chunks.append(api.chat_chunk(self.job.ids, i, delta, None, self.usage, logprobs))
+                logprobs = None  # sent once
+        elif out.text or out.logprobs:
             chunks.append(api.chat_chunk(self.job.ids, i, {"content": out.text}, None, self.usage, logprobs))
-        if out.finish_reason is not None:
-            chunks.append(api.chat_chunk(self.job.ids, i, {}, out.finish_reason, self.usage))
+        if final:
+            reason = self.readers[i].finish_reason(out.finish_reason) if self.readers else out.finish_reason
+            chunks.append(api.chat_chunk(self.job.ids, i, {}, reason, self.usage))
         return chunks
 
     def completion_chunks(self, i: int, out: Output) -> list[dict[str, Any]]:
