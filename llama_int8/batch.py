@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .batch_files import Done, check_output_is_not_input, check_unique_ids, read_done, read_requests, resolve_output
 from .cli import add_checkpoint_flags, add_runtime_flags, add_sampling_flags, build_kwargs, sampling_kwargs
-from .flags import add_switch, existing_path, make_parser, non_empty_text, positive_int, run_cli
+from .flags import add_switch, add_tool_parser_flag, existing_path, make_parser, non_empty_text, positive_int, run_cli
 
 log = logging.getLogger("llama_int8.batch")
 
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--system", type=non_empty_text, metavar="TEXT",
                        help="system message of every chat line that has none (default: none)")
     add_switch(group, "--sort_by_length", "start the longest prompts first (default: off, in file order)")
+    add_tool_parser_flag(group)
     return parser
 
 
@@ -100,7 +101,7 @@ def main(args: argparse.Namespace) -> None:
 
     sampling = sampling_kwargs(args)
     settings = BatchSettings(max_tokens=sampling.pop("max_gen_len"), sampling=sampling, system=args.system,
-                             sort_by_length=args.sort_by_length)
+                             sort_by_length=args.sort_by_length, tool_parser=args.tool_parser)
     kwargs = build_kwargs(args)
     run_batch(Llama.build(**kwargs), todo, input_path, output, settings, served_name(kwargs["ckpt_dir"]))
 

@@ -39,6 +39,7 @@ class BatchSettings:
     sampling: dict[str, Any]  # temperature, top_p, repetition_penalty, seed: a line's own fields win
     system: str | None = None
     sort_by_length: bool = False
+    tool_parser: str | None = None  # tool_calls.PARSERS; None: the chat template's
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ def run_batch(llm: Llama, lines: list[RequestLine], input_path: Path, output: Pa
     # Whole prompts a step (unless --prefill_chunk or a sliding window bounds them): no one waits on the
     # next token of the requests beside, and the kernels run a long prompt faster in one piece
     # (SmolLM2 on a 2-core CPU: 570 prompt tok/s against 370 in the engine's default chunks of 128).
-    serving = Serving(llm.engine(whole_prompts=True), llm.encode_dialog, model_name, model_must_match=False)
+    serving = Serving(llm.engine(whole_prompts=True), llm.encode_dialog, model_name, model_must_match=False,
+                      tool_parser=settings.tool_parser)
     results = ResultsFile(output)
     tally = Tally()
     bar = tqdm(total=len(lines), desc="Requests", unit="req", smoothing=0.05)

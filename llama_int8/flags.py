@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .logs import setup_logging
+from .tool_calls import PARSERS
 
 DEBUG_ENV = "LLAMA_INT8_DEBUG"
 
@@ -167,6 +168,12 @@ def add_switch(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: 
     """An on/off flag: `--flag` turns it on; `--flag false` and `--flag=true` are accepted too;
     default None leaves the choice to the code that reads it."""
     parser.add_argument(flag, nargs="?", const=True, default=default, type=parse_bool, metavar="BOOL", help=help)
+
+
+def add_tool_parser_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--tool_parser", choices=list(PARSERS),
+                        help="the format of the model's tool calls (default: the one its chat template shows, else "
+                             "hermes)")
 
 
 def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

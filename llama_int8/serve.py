@@ -27,7 +27,7 @@ from types import FrameType
 import uvicorn
 
 from .cli import add_checkpoint_flags, add_runtime_flags, build_kwargs
-from .flags import make_parser, non_negative_int, positive_float, positive_int, run_cli
+from .flags import add_tool_parser_flag, make_parser, non_negative_int, positive_float, positive_int, run_cli
 
 log = logging.getLogger("llama_int8.serve")
 
@@ -55,6 +55,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                        help="largest request body; beyond, 413 (default: %(default)s)")
     group.add_argument("--shutdown_grace", type=positive_float, default=DEFAULT_SHUTDOWN_GRACE, metavar="S",
                        help="seconds in flight requests may take to finish after SIGTERM (default: %(default)s)")
+    add_tool_parser_flag(group)
 
 
 class GracefulServer(uvicorn.Server):
@@ -93,7 +94,7 @@ def main(args: argparse.Namespace) -> None:
     settings = ServerSettings(model_name=args.served_model_name or served_name(kwargs["ckpt_dir"]),
                               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                               max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                              shutdown_grace=args.shutdown_grace)
+                              shutdown_grace=args.shutdown_grace, tool_parser=args.tool_parser)
     failure: list[BaseException] = []
 
     def load_failed(e: BaseException) -> None:

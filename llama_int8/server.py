@@ -62,6 +62,7 @@ class ServerSettings:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    tool_parser: str | None = None  # tool_calls.PARSERS; None: the chat template's
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -133,7 +134,8 @@ class ServerState:
         except Exception as e:  # reported to the process, which exits: a server without a model is useless
             self.on_load_failure(e)
             return
-        self.serving = Serving(engine, llm.encode_dialog, self.settings.model_name)
+        self.serving = Serving(engine, llm.encode_dialog, self.settings.model_name,
+                               tool_parser=self.settings.tool_parser)
         self.engine_thread = EngineThread(engine)
         self.engine_thread.start()
         self.engine = engine

@@ -45,6 +45,10 @@ class ToolUse:
         return self.choice != "none"
 
     @property
+    def grammar_forces_calls(self) -> bool:
+        return self.choice not in ("none", "auto")
+
+    @property
     def forced_name(self) -> str | None:
         return self.choice["function"]["name"] if isinstance(self.choice, dict) else None
 
@@ -65,7 +69,7 @@ class ToolUse:
     def grammar(self) -> GrammarSpec | None:
         """The grammar of an answer that must call: "required" or a named function; None otherwise.
         ValueError for a model whose call format has no grammar here."""
-        if self.choice in ("none", "auto"):
+        if not self.grammar_forces_calls:
             return None
         if self.parser not in ENFORCED_FORMATS:
             raise ValueError(f"tool_choice: {self.choice!r} is enforced for the {' and '.join(ENFORCED_FORMATS)} call "
@@ -86,6 +90,8 @@ class ToolUse:
         if not calls:
             return {"role": "assistant", "content": text}, finish_reason
         calls = calls if self.parallel else calls[:1]
+        if self.grammar_forces_calls:  # nothing but calls was allowed: what is left is a call cut short
+            content = None
         message = {"role": "assistant", "content": content, "tool_calls": [c.openai(new_call_id()) for c in calls]}
         return message, "tool_calls" if finish_reason == "stop" else finish_reason
 
@@ -159,9 +165,11 @@ def call_object(call: dict[str, Any]) -> dict[str, Any]:
 
 
 def calls_schema(functions: list[dict[str, Any]], arguments: str) -> dict[str, Any]:
-    """The JSON schema of one call of any of functions: {"name": its name, arguments: its parameters}."""
+    """The JSON schema of one call of any of functions: {"name": its name, arguments: its parameters},
+    which admit no property they do not list unless they say so (OpenAI's strict mode, llama.cpp's
+    default: JSON Schema's own default let SmolLM2 invent properties until its budget ran out)."""
     def one(function: dict[str, Any]) -> dict[str, Any]:
-        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        parameters = {"additionalProperties": False, **(function.get("parameters") or {"type": "object"})}
         return {"type": "object", "properties": {"name": {"const": function["name"]}, arguments: parameters},
                 "required": ["name", arguments], "additionalProperties": False}
 

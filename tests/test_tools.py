@@ -190,3 +190,11 @@ def test_a_template_that_takes_tools_renders_them_and_names_its_format():
     assert use.prompt_dialog([{"role": "user", "content": "Hi"}]) == [{"role": "user", "content": "Hi"}]
     with pytest.raises(ValueError, match="enforced for the hermes and llama3_json call formats"):
         tool_use_of(TOOLS, "required", None, template).grammar()
+
+
+def test_a_parser_named_on_the_command_line_wins_over_the_template():
+    template = "{{ tools | tojson }}{% for m in messages %}{{ m.content }}{% endfor %}<tool_call>"
+    assert tool_use_of(TOOLS, "auto", None, template).parser == "hermes"
+    assert tool_use_of(TOOLS, "auto", None, template, parser="llama3_json").parser == "llama3_json"
+    grammar = tool_use_of(TOOLS, named("add"), None, template, parser="llama3_json").grammar()
+    assert grammar.kind == "json_schema" and json.loads(grammar.source)["properties"]["name"] == {"const": "add"}
