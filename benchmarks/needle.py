@@ -3,6 +3,7 @@
     python -m benchmarks.needle                                    # the demo model, 1000..4000 tokens
     python -m benchmarks.needle --ckpt_dir 7B --lengths 1000,2000,4000 --depths 0.1,0.5,0.9 --quant int8 --json
     python -m benchmarks.needle --ckpt_dir mistral-7b --sliding_window 1024 --prefill_chunk 512
+    python -m benchmarks.needle --kv_cache int8                   # keys and values in int8
 
 A random 5-digit pass code is stated, at each depth (0 = start, 1 = end) of a filler text making the
 prompt about --lengths tokens long (benchmarks/data/lighthouses.txt, repeated); the model is then asked for it, through
@@ -86,7 +87,8 @@ def measure_length(llm: Llama, length: int, depths: list[float], rng: random.Ran
         prompts.append(needle_prompt(llm, haystack(llm.tokenizer, sentences, budget, depth, NEEDLE.format(code=code))))
         codes.append(code)
     # Size the cache for this length, so its bytes (and the peaks) are what this length needs.
-    model.setup_caches(1, max(len(p) for p in prompts) + ANSWER_TOKENS + 1, dtype, device, prefill_chunk)
+    model.setup_caches(1, max(len(p) for p in prompts) + ANSWER_TOKENS + 1, dtype, device, prefill_chunk,
+                       model.kv_cache)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -105,8 +107,8 @@ def measure_length(llm: Llama, length: int, depths: list[float], rng: random.Ran
 
 def main(ckpt_dir: str | None = None, lengths: str | tuple = "1000,2000,4000", depths: str | tuple = "0.1,0.5,0.9",
          quant: str = "int8", device: str | None = None, dtype: str | None = None, attention: str | None = None,
-         sliding_window: int | None = None, prefill_chunk: int | None = None, seed: int = 0,
-         json: bool = False) -> None:
+         sliding_window: int | None = None, prefill_chunk: int | None = None, kv_cache: str = "model",
+         seed: int = 0, json: bool = False) -> None:
     """Hit or miss for each length x depth, and peak memory per length (see the module docstring)."""
     setup_logging()
     source = Path(ckpt_dir) if ckpt_dir else demo_gguf_path()
@@ -115,15 +117,16 @@ def main(ckpt_dir: str | None = None, lengths: str | tuple = "1000,2000,4000", d
     if bad:
         raise ValueError(f"depths: {bad} are outside 0..1 (0 = start of the text, 1 = end)")
     llm = Llama.build(source, max_seq_len=2, quant=quant, device=device, dtype=dtype, attention=attention,
-                      sliding_window=sliding_window, prefill_chunk=prefill_chunk)  # caches resized per length
-    cache_dtype = llm.model.layers[0].attention.cache.k.dtype  # the model's compute dtype
+                      sliding_window=sliding_window, prefill_chunk=prefill_chunk,
+                      kv_cache=kv_cache)  # caches resized per length
+    model_dtype = llm.model.norm.weight.dtype  # the activations' (a quantized embedding has int8 rows)
     rng = random.Random(seed)
-    rows = [measure_length(llm, n, depth_list, rng, cache_dtype, prefill_chunk)
+    rows = [measure_length(llm, n, depth_list, rng, model_dtype, prefill_chunk)
             for n in tqdm(length_list, desc="Lengths", unit="length")]
     args = llm.model.args
     report("Needle in a haystack", rows, json,
-           extra={"checkpoint": str(source), "quant": quant, "sliding_window": args.sliding_window,
-                  "prefill_chunk": llm.model.prefill_chunk, "seed": seed})
+           extra={"checkpoint": str(source), "quant": quant, "kv_cache": kv_cache,
+                  "sliding_window": args.sliding_window, "prefill_chunk": llm.model.prefill_chunk, "seed": seed})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m benchmarks.perplexity --ckpt_dir D --quant nf4 --text_file F
     python -m benchmarks.perplexity --quant none,int8,nf4,nf4-dq,fp4,fp4-dq --compare transformers
+    python -m benchmarks.perplexity --quant none,int8,nf4 --kv_cache model,int8 --window 2048 --join
 
 Each text is tokenized once (BOS first when the tokenizer uses one) and scored in consecutive
 windows of --window tokens, each a fresh forward pass; perplexity is exp(mean negative
@@ -10,7 +11,9 @@ default the two under benchmarks/data, about 2000 tokens) are reported one by on
 mean taken over all their tokens: a mode's cost measured on one short text moves by a few tenths of
 a percent with the text. With --compare transformers, Hugging Face transformers + bitsandbytes
 scores the same token ids with the same weights (an HF folder, or a GGUF exported to one). With one
-mode, the last line printed is `perplexity: X`, pooled over the texts.
+mode, the last line printed is `perplexity: X`, pooled over the texts. --join scores the texts as one
+(BOS once, blank lines between them), so that a window longer than each of them sees a context that
+long. --kv_cache model,int8 scores each mode with each KV cache, the int8 one against the model's.
 """
 
 from __future__ import annotations
@@ -77,12 +80,14 @@ def transformers_weight_bytes(model) -> int:
 
 def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: str | tuple = DEFAULT_TEXTS,
          window: int = 1024, device: str | None = None, dtype: str | None = None, int8_threshold: float = 6.0,
-         quantize_head: str | bool | None = None, compare: str | None = None, json: bool = False) -> None:
+         quantize_head: str | bool | None = None, kv_cache: str | tuple = "model", join: bool = False,
+         compare: str | None = None, json: bool = False) -> None:
     """Perplexity of the texts in text_file (comma-separated) for each mode in quant (comma-separated);
     --compare transformers adds HF + bitsandbytes (with the same int8_threshold).
 
     quantize_head: Llama.build's (None: quantized in the quantized modes); "both" scores each
     quantized mode twice, with a 16-bit and with a quantized head, to show what the head costs.
+    kv_cache: Llama.build's, or several comma-separated. join: score the texts as one text.
     """
     setup_logging()
     if compare not in (None, "transformers"):
@@ -100,19 +105,20 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
         raise FileNotFoundError(f"text_file: no such file: {', '.join(missing)}")
     rows = []
     texts: dict[str, list[int]] = {}
-    runs = [(mode, head) for mode in modes for head in head_choices(quantize_head, mode)]
-    for mode, head in tqdm(runs, desc="Modes", unit="mode"):
+    kinds = comma_list(kv_cache)
+    runs = [(mode, head, kind) for mode in modes for head in head_choices(quantize_head, mode) for kind in kinds]
+    for mode, head, kind in tqdm(runs, desc="Modes", unit="mode"):
         llm = Llama.build(source, max_seq_len=window, quant=mode, device=device, dtype=dtype,
-                          int8_threshold=int8_threshold, quantize_head=head)
+                          int8_threshold=int8_threshold, quantize_head=head, kv_cache=kind)
         if not texts:  # every mode shares the checkpoint's tokenizer: encode once
-            texts = {p.name: llm.tokenizer.encode(p.read_text(), bos=True, eos=False) for p in paths}
+            texts = encode_texts(llm, paths, join)
         model_dtype = llm.model.norm.weight.dtype  # the activations' (a quantized embedding has int8 rows)
         dev = llm.model.device
-        rows.append({"engine": "llama_int8", "quant": mode, "head": head_name(llm),
+        rows.append({"engine": "llama_int8", "quant": mode, "head": head_name(llm), "KV cache": kind,
                      **score(ours_logits(llm), texts, window), "weights MiB": weight_bytes(llm.model) / 2**20})
         del llm
         gc.collect()
-        if compare == "transformers" and head is not True:
+        if compare == "transformers" and head is not True and kind == kinds[0]:
             from benchmarks.reference import load_transformers, transformers_folder
 
             hf = load_transformers(transformers_folder(source), mode, dev, model_dtype, int8_threshold)
@@ -120,18 +126,30 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
                          "weights MiB": transformers_weight_bytes(hf) / 2**20})
             del hf
             gc.collect()
-    for r in rows:  # each engine against its own float baseline, when it ran one
-        baseline = next((b["all"] for b in rows if b["quant"] == "none" and b["engine"] == r["engine"]), None)
+    for r in rows:  # each engine (and KV cache) against its own float baseline, when it ran one
+        same = [b for b in rows if b["engine"] == r["engine"] and b.get("KV cache") == r.get("KV cache")]
+        baseline = next((b["all"] for b in same if b["quant"] == "none"), None)
         r["all vs none"] = None if baseline is None else f"{r['all'] / baseline - 1:+.2%}"
-        float_head = next((b["all"] for b in rows if b["quant"] == r["quant"] and b["engine"] == r["engine"]
-                           and b["head"] != "quantized"), None)
+        float_head = next((b["all"] for b in same if b["quant"] == r["quant"] and b["head"] != "quantized"), None)
         r["head's cost"] = (f"{r['all'] / float_head - 1:+.2%}" if r["head"] == "quantized" and float_head
                             else None)
+        model_cache = next((b["all"] for b in rows if b["engine"] == r["engine"] and b["quant"] == r["quant"]
+                            and b["head"] == r["head"] and b.get("KV cache") == "model"), None)
+        r["KV cache's cost"] = (f"{r['all'] / model_cache - 1:+.2%}" if r.get("KV cache") not in (None, "model")
+                                and model_cache else None)
     sizes = ", ".join(f"{name} {len(tokens)}" for name, tokens in texts.items())
     report(f"Perplexity: {Path(source).name}, tokens: {sizes} (window {window})", rows, json,
            {"texts": {name: len(tokens) for name, tokens in texts.items()}})
-    if len(modes) == 1 and not json:
+    if len(modes) == 1 and len(kinds) == 1 and not json:
         print(f"perplexity: {rows[0]['all']:.4f}")
+
+
+def encode_texts(llm: Llama, paths: list[Path], join: bool) -> dict[str, list[int]]:
+    """Each text's token ids (BOS first when the tokenizer uses one), or, joined, all of them as one."""
+    if join:
+        joined = "\n\n".join(p.read_text().strip() for p in paths)
+        return {"+".join(p.name for p in paths): llm.tokenizer.encode(joined, bos=True, eos=False)}
+    return {p.name: llm.tokenizer.encode(p.read_text(), bos=True, eos=False) for p in paths}
 
 
 def head_choices(quantize_head: str | bool | None, mode: str) -> list[bool | None]:

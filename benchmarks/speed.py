@@ -4,11 +4,13 @@
     python -m benchmarks.speed --ckpt_dir 7B --quant nf4 --batch 1,8 --new_tokens 64 --json
     python -m benchmarks.speed --quant int8 --batch 1 --runs 3 --compare llama.cpp \
         --llama_cpp_python /path/to/llama-cpp-venv/bin/python
+    python -m benchmarks.speed --quant none --batch 1 --prompt_tokens 448 --kv_cache model,int8
 
 --compare llama.cpp runs llama.cpp (llama-cpp-python, in a child process started with
 --llama_cpp_python, or with this Python when it has llama_cpp) on the same weights at the same
 precision, F32 / Q8_0 / Q4_0 for none / int8 / the 4-bit modes, made by llama.cpp's own quantizer
-(see benchmarks/versus_llama_cpp.py); at batch 1 only, its single-sequence case.
+(see benchmarks/versus_llama_cpp.py); at batch 1 only, its single-sequence case. Several --kv_cache
+kinds run ours once per kind, the first as "llama_int8" and each other beside it like an engine compared.
 
 Both engines generate greedily from the same random prompts. Prefill is the time to the first token
 (prompt forward plus the generator's setup); decode tokens/s counts the new_tokens - 1 tokens after
@@ -129,10 +131,10 @@ def measure(engines: dict[str, Generate], device: torch.device, batch: int, prom
 
 
 def build_ours(source: Path, quant: str, max_seq_len: int, max_batch: int, device: str | None,
-               dtype: str | None, quantize_head: bool | None) -> tuple[Llama, Path]:
+               dtype: str | None, quantize_head: bool | None, kv_cache: str = "model") -> tuple[Llama, Path]:
     """Our engine on source; a GGUF our loader refuses is read from its HF export instead."""
     settings = dict(max_seq_len=max_seq_len, max_batch_size=max_batch, quant=quant, device=device, dtype=dtype,
-                    quantize_head=quantize_head)
+                    quantize_head=quantize_head, kv_cache=kv_cache)
     try:
         return Llama.build(source, **settings), source
     except CheckpointError as e:
@@ -146,9 +148,11 @@ def build_ours(source: Path, quant: str, max_seq_len: int, max_batch: int, devic
 def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tuple = "1,8",
          prompt_tokens: int = 128, new_tokens: int = 64, runs: int = 5, device: str | None = None,
          dtype: str | None = None, threads: int | None = None, compare: str | None = None,
-         llama_cpp_python: str | None = None, quantize_head: bool | None = None, json: bool = False) -> None:
+         llama_cpp_python: str | None = None, quantize_head: bool | None = None, kv_cache: str | tuple = "model",
+         json: bool = False) -> None:
     """Prefill and decode tokens/s for each batch size; --compare transformers adds HF + bitsandbytes,
-    --compare llama.cpp adds llama.cpp (batch 1) run by llama_cpp_python.
+    --compare llama.cpp adds llama.cpp (batch 1) run by llama_cpp_python; kv_cache: Llama.build's, or
+    several comma-separated, each run as one more engine.
 
     threads: CPU threads for every engine (torch's default when None). On a machine shared with
     other busy processes, 1 thread avoids threads waiting on each other at every small kernel.
@@ -164,7 +168,11 @@ def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tu
     sizes = [int(b) for b in (str(batch).split(",") if isinstance(batch, (str, int)) else batch)]
     source = Path(ckpt_dir) if ckpt_dir else demo_gguf_path()
     max_seq_len = prompt_tokens + new_tokens + 1
-    llm, ours_source = build_ours(source, quant, max_seq_len, max(sizes), device, dtype, quantize_head)
+    kinds = kv_cache.split(",") if isinstance(kv_cache, str) else [str(k) for k in kv_cache]  # fire: "a,b" -> tuple
+    llm, ours_source = build_ours(source, quant, max_seq_len, max(sizes), device, dtype, quantize_head, kinds[0])
+    with_caches = {f"llama_int8, {kind} KV cache": build_ours(ours_source, quant, max_seq_len, max(sizes), device,
+                                                              dtype, quantize_head, kind)[0] for kind in kinds[1:]}
+    cache_of = {"llama_int8": kinds[0], **{name: other.model.kv_cache for name, other in with_caches.items()}}
     dev = llm.model.device
     model_dtype = llm.model.norm.weight.dtype  # the activations' (a quantized embedding has int8 rows)
     hf = (load_transformers(transformers_folder(ours_source), quant, dev, model_dtype)
@@ -177,7 +185,8 @@ def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tu
     rows = []
     for b in tqdm(sizes, desc="Batch sizes", unit="batch"):
         prompts = prompt_batch(llm.model.args.vocab_size, b, prompt_tokens)
-        engines = {"llama_int8": ours_generate(llm, prompts)}
+        engines = {"llama_int8": ours_generate(llm, prompts),
+                   **{name: ours_generate(other, prompts) for name, other in with_caches.items()}}
         if hf is not None:
             engines["transformers+bnb" if quant != "none" else "transformers"] = transformers_generate(hf, prompts)
         if llama_cpp is not None and b == 1:
@@ -187,14 +196,15 @@ def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tu
         for name, fig in figures.items():
             achieved = read_bytes * fig["steps/s"] / 1e9
             theirs = name != "llama_int8"
-            rows.append({"engine": name, "quant": quant, "batch": b, "prefill tok/s": fig["prefill tok/s"],
+            rows.append({"engine": name, "quant": quant, "KV cache": cache_of.get(name), "batch": b,
+                         "prefill tok/s": fig["prefill tok/s"],
                          "decode tok/s": fig["decode tok/s"],
                          "weights GB/s": None if theirs else achieved,
                          "of bandwidth": None if theirs else f"{achieved / bandwidth:.0%}",
                          "ops/token": None if theirs or b != 1 else round(ops),
                          "ours vs this, decode": f"{ours['decode tok/s'] / fig['decode tok/s']:.2f}x" if theirs else None,
                          "prefill": f"{ours['prefill tok/s'] / fig['prefill tok/s']:.2f}x" if theirs else None})
-    del llm, hf
+    del llm, hf, with_caches
     if llama_cpp is not None:
         llama_cpp.close()
     gc.collect()

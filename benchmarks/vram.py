@@ -7,8 +7,11 @@
 
 For each shape and mode: weight bytes, computed exactly from the tensors the quantizer makes
 (`quantize.expected_quantized_tensors`) plus the 16-bit embedding, norms and head; KV-cache bytes for
---max_batch_size x --max_seq_len in 16 bits (and, for a sliding-window model, what a cache of the
-window alone would hold); their total; and the longest context that fits --budget_gb beside the weights.
+--max_batch_size x --max_seq_len in 16 bits and in int8 (`--kv_cache int8`: a byte per key and value
+element plus a 16-bit scale per position and head), and, for a sliding-window model, what a 16-bit
+cache of the window alone would hold; the 16-bit total; and the most tokens (batch x context) whose
+cache, 16-bit or int8, fits --budget_gb beside the weights. The KV bytes per token of either cache
+are also measured, from the tensors of a cache allocated for a few positions.
 
 Measured, with random weights built layer by layer through the real loader and quantization hook:
 - on a GPU: peak allocated and reserved memory after load, during a prefill of --prefill_tokens and,
@@ -42,7 +45,7 @@ from benchmarks.synthetic import SHAPES, random_piece
 from llama_int8.formats import NamedTensor
 from llama_int8.loader import fill_model
 from llama_int8.memory import weight_bytes
-from llama_int8.model import ModelArgs, empty_model
+from llama_int8.model import KV_CACHES, ModelArgs, empty_model, kv_cache_bytes
 from llama_int8.quantize import QuantConfig, parse_quant_mode, quantized_weight_bytes
 from llama_int8.quantized_layers import make_linear_hook
 
@@ -58,8 +61,7 @@ DEFAULT_MODES = ("none", "int8", "nf4", "nf4-dq", "fp4")
 # (bitsandbytes' CPU quantizer), so the default run measures three modes and stays near two minutes.
 CPU_MODELS = ("SmolLM2-135M", "TinyLlama-1.1B")
 CPU_MODES = ("none", "int8", "nf4")
-WEIGHT_DTYPE = torch.bfloat16  # what the unquantized parts, the cache and activations are held in
-CACHE_ELEMENT_BYTES = WEIGHT_DTYPE.itemsize
+WEIGHT_DTYPE = torch.bfloat16  # what the unquantized parts, the cache (or its scales) and activations are held in
 
 
 # --- Computed -------------------------------------------------------------------------------------
@@ -80,9 +82,9 @@ def computed_weight_bytes(args: ModelArgs, cfg: QuantConfig) -> int:
     return total
 
 
-def kv_bytes_per_token(args: ModelArgs, batch: int) -> int:
+def kv_bytes_per_token(args: ModelArgs, batch: int, kv_cache: str = "model") -> int:
     """Keys and values of one position, for every layer and sequence of the batch."""
-    return 2 * args.n_layers * batch * args.n_kv_heads * args.head_dim * CACHE_ELEMENT_BYTES
+    return kv_cache_bytes(args, batch, 1, WEIGHT_DTYPE, kv_cache=kv_cache)
 
 
 def longest_context(budget: int, weights: int, per_token: int, window: int | None) -> int | str:
@@ -99,12 +101,24 @@ def computed_row(name: str, args: ModelArgs, mode: str, max_seq_len: int, batch:
     cfg = parse_quant_mode(mode)
     weights = computed_weight_bytes(args, cfg)
     per_token = kv_bytes_per_token(args, batch)
+    int8_per_token = kv_bytes_per_token(args, batch, "int8")
     kv = per_token * max_seq_len
     window_kv = per_token * min(max_seq_len, args.sliding_window) if args.sliding_window else None
+    room = f"max tokens in {budget / GiB:g} GiB"
     return {"model": name, "quant": cfg.name, "weights GiB": weights / GiB, "KV MiB": kv / MiB,
+            "int8 KV MiB": int8_per_token * max_seq_len / MiB,
             "KV window MiB": None if window_kv is None else window_kv / MiB, "total GiB": (weights + kv) / GiB,
-            f"max tokens in {budget / GiB:g} GiB": longest_context(budget, weights, per_token, args.sliding_window),
+            room: longest_context(budget, weights, per_token, args.sliding_window),
+            f"{room}, int8 KV": longest_context(budget, weights, int8_per_token, args.sliding_window),
             "weight bytes": weights, "kv bytes": kv}
+
+
+def allocated_kv_bytes_per_token(args: ModelArgs, kv_cache: str, positions: int = 16) -> float:
+    """KV bytes per token of one sequence, measured: the tensors of a cache allocated for a few
+    positions (on the CPU: the layout is the same on a GPU), divided by them."""
+    model = empty_model(args)
+    model.setup_caches(1, positions, WEIGHT_DTYPE, "cpu", kv_cache=kv_cache)
+    return model.cache_bytes() / positions
 
 
 # --- Measured -------------------------------------------------------------------------------------
@@ -243,9 +257,11 @@ def main(max_seq_len: int = 2048, max_batch_size: int = 1, models: str | tuple =
     limit = torch.cuda.get_device_properties(0).total_memory if gpu else int(cpu_budget_gb * GiB)
     rows, to_measure = [], []
     for name, args in shapes.items():
+        measured = {f"{'' if kind == 'model' else kind + ' '}KV bytes/token": allocated_kv_bytes_per_token(args, kind)
+                    for kind in KV_CACHES}
         for mode in modes:
             label = name if n_layers is None else f"{name} ({n_layers} block{'s' if n_layers > 1 else ''})"
-            row = computed_row(label, args, mode, max_seq_len, max_batch_size, int(budget_gb * GiB))
+            row = computed_row(label, args, mode, max_seq_len, max_batch_size, int(budget_gb * GiB)) | measured
             fits = row["weight bytes"] + row["kv bytes"] < (0.9 * limit if gpu else limit)
             chosen = gpu or ckpt_dir is not None or (name in as_list(cpu_models) and mode in cpu_mode_names)
             if measure and fits and chosen:
@@ -265,7 +281,7 @@ def main(max_seq_len: int = 2048, max_batch_size: int = 1, models: str | tuple =
         columns = list(dict.fromkeys(k for row in rows for k in row))
         rows = [{c: row.get(c) for c in columns} for row in rows]
     where = "GPU" if gpu else f"CPU (measured: shapes whose footprint fits {cpu_budget_gb:g} GiB)"
-    report(f"Memory per mode, batch {max_batch_size} x {max_seq_len} tokens, bf16 cache and 16-bit "
+    report(f"Memory per mode, batch {max_batch_size} x {max_seq_len} tokens, bf16 or int8 KV cache and 16-bit "
            f"embeddings/norms/head, {where}", rows, json,
            {"max_seq_len": max_seq_len, "max_batch_size": max_batch_size, "budget_gb": budget_gb})
 

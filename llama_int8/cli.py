@@ -5,7 +5,7 @@ parser of flags.py, so a flag has one name, one default and one help line everyw
 
     parser = make_parser("python -m llama_int8.x", "What it does, in one line.")   # flags.py
     add_checkpoint_flags(parser)   # --ckpt_dir --tokenizer_path --delta --quant --int8_threshold --blocksize --quantize_head
-    add_runtime_flags(parser)      # --max_batch_size --max_seq_len --device --dtype --attention --sliding_window --prefill_chunk --no_verify
+    add_runtime_flags(parser)      # --max_batch_size --max_seq_len --device --dtype --attention --sliding_window --prefill_chunk --kv_cache --no_verify
     add_sampling_flags(parser)     # --max_gen_len --temperature --top_p --repetition_penalty --seed
     run_cli(parser, main)          # flags.py
 
@@ -24,12 +24,13 @@ from .demo import DEMO_REPETITION_PENALTY, demo_gguf_path
 from .flags import add_switch, device_name, existing_path, int_value, non_negative_float, non_negative_int, \
     path_stack, positive_float, positive_int, probability
 
-# What --quant, --dtype and --attention accept. The quantizer, generation.resolve_dtype and the model
-# check the same names (a test keeps them equal); they are repeated here because importing those
+# What --quant, --dtype, --attention and --kv_cache accept. The quantizer, generation.resolve_dtype and
+# the model check the same names (tests keep them equal); they are repeated here because importing those
 # modules means importing torch and bitsandbytes, seconds before a typo could be reported.
 QUANT_MODES = ("int8", "nf4", "nf4-dq", "fp4", "fp4-dq", "none")
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 ATTENTION_BACKENDS = ("flash", "sdpa", "math")
+KV_CACHES = ("model", "int8")
 
 
 def quant_mode(text: str) -> str:
@@ -81,6 +82,9 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                        help="attend to the last N positions only; the KV cache then holds N (default: the checkpoint's)")
     group.add_argument("--prefill_chunk", type=positive_int, metavar="N",
                        help="prefill long prompts N tokens at a time (default: the whole prompt at once)")
+    group.add_argument("--kv_cache", choices=KV_CACHES, default="model", metavar="KIND",
+                       help="model: keys and values in --dtype; int8: in int8 with a scale per position and head, "
+                            "half a 16-bit cache's bytes (default: %(default)s)")
     add_switch(group, "--no_verify", "load a pre-baked folder without checking its shards' SHA-256 (default: checked)")
 
 
@@ -113,7 +117,7 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 int8_threshold=args.int8_threshold, blocksize=args.blocksize, quantize_head=args.quantize_head,
                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device,
                 dtype=args.dtype, attention=args.attention, sliding_window=args.sliding_window,
-                prefill_chunk=args.prefill_chunk, verify=not args.no_verify)
+                prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache, verify=not args.no_verify)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

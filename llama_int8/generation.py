@@ -42,7 +42,8 @@ class Llama:
               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
               attention: str | None = None, int8_threshold: float | None = None, blocksize: int | None = None,
               quantize_head: bool | None = None, delta: str | Path | list[str | Path] | None = None,
-              sliding_window: int | None = None, prefill_chunk: int | None = None, verify: bool = True) -> Llama:
+              sliding_window: int | None = None, prefill_chunk: int | None = None, kv_cache: str = "model",
+              verify: bool = True) -> Llama:
         """Load a checkpoint (Meta, Hugging Face, GGUF or pre-baked) and its tokenizer, ready to generate.
 
         ckpt_dir may list several folders: a base, then overlays (partial checkpoints whose tensors
@@ -61,6 +62,9 @@ class Llama:
         sliding_window: each token attends to itself and the sliding_window - 1 before it, overriding
         the checkpoint's (None keeps it); the KV cache then holds only that many positions.
         prefill_chunk: prompts longer than this are prefilled in chunks of it (at most the window).
+        kv_cache: "model" keeps keys and values in the model's dtype; "int8" stores them as int8 with
+        one scale per position and key/value head, quantized as they are written and dequantized
+        inside attention a chunk at a time: half a 16-bit cache's bytes plus the scales (model.Int8KVCache).
         verify: check a pre-baked folder's shard checksums (reads the folder once; on by default).
 
         Before anything is allocated, the configuration is checked (formats/model_config.py), the
@@ -82,13 +86,13 @@ class Llama:
         args = checkpoint.args if sliding_window is None else replace(checkpoint.args, sliding_window=sliding_window)
         model = empty_model(args, backend)
         cfg = quantization_to_load(checkpoint, cfg, quant, int8_threshold)
-        check_memory_fits(model, cfg, device, dtype, max_batch_size, max_seq_len)
+        check_memory_fits(model, cfg, device, dtype, max_batch_size, max_seq_len, kv_cache)
         load_weights(model, checkpoint, cfg, device, dtype)
         source, sources = f"{checkpoint.format} checkpoint {checkpoint.location}", checkpoint.paths()
         del checkpoint  # closes its memory maps, so that the kernel may drop the pages they held
         release_page_cache(sources)
         model.fuse_projections()
-        model.setup_caches(max_batch_size, max_seq_len, dtype, device, prefill_chunk)
+        model.setup_caches(max_batch_size, max_seq_len, dtype, device, prefill_chunk, kv_cache)
         model.eval()
         never_generate(model, ids_beyond_tokenizer(tokenizer, args.vocab_size))
         log.info("Loaded %s in %.1f s (%s, %s, %s, %s attention): %s", source, time.perf_counter() - start,

@@ -44,21 +44,22 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def check_memory_fits(model: Transformer, cfg: QuantConfig, device: torch.device, dtype: torch.dtype,
-                      max_batch_size: int, max_seq_len: int) -> None:
-    """Refuse, before anything is allocated, weights and a KV cache that need more than the device
-    has free (the host's MemAvailable; a GPU's free memory): an allocator failure, or the kernel's
-    OOM killer, says less and comes later."""
+                      max_batch_size: int, max_seq_len: int, kv_cache: str = "model") -> None:
+    """Refuse, before anything is allocated, weights and a KV cache (of kind kv_cache, which is
+    checked here) that need more than the device has free (the host's MemAvailable; a GPU's free
+    memory): an allocator failure, or the kernel's OOM killer, says less and comes later."""
+    cache = kv_cache_bytes(model.args, max_batch_size, max_seq_len, dtype, model.args.sliding_window, kv_cache)
     free = free_memory_bytes(device)
     if free is None:
         return
     weights = expected_weight_bytes(model, cfg, dtype)
-    cache = kv_cache_bytes(model.args, max_batch_size, max_seq_len, dtype, model.args.sliding_window)
     if weights + cache <= free:
         return
-    advice = ("lower --max_seq_len or --max_batch_size" if weights < free else
-              "the weights alone do not fit: choose a smaller --quant mode or a bigger device")
+    advice = ("lower --max_seq_len or --max_batch_size" + (", or pass --kv_cache int8" if kv_cache == "model" else "")
+              if weights < free else "the weights alone do not fit: choose a smaller --quant mode or a bigger device")
+    kind = "int8" if kv_cache == "int8" else str(dtype).removeprefix("torch.")
     raise NotEnoughMemoryError(
-        f"{device}: loading needs {size(weights)} of {cfg.name} weights and {size(cache)} of KV cache "
+        f"{device}: loading needs {size(weights)} of {cfg.name} weights and {size(cache)} of {kind} KV cache "
         f"(--max_batch_size {max_batch_size} x --max_seq_len {max_seq_len}), {weights + cache} bytes in all, "
         f"but {free} bytes ({size(free)}) are free; {advice}")
 

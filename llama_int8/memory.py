@@ -57,9 +57,17 @@ def peak_host_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def cache_kind(model: nn.Module) -> str:
+    """What the KV cache holds keys and values in: int8 (with scales), or the model's dtype."""
+    if model.kv_cache == "int8":
+        return "int8"
+    return str(next(model.layers[0].attention.cache.buffers()).dtype).removeprefix("torch.")
+
+
 def describe_memory(model: nn.Module, device: torch.device) -> str:
     parts = [f"weights {weight_bytes(model) / GiB:.2f} GiB",
-             f"KV cache {model.cache_bytes() / MiB:.0f} MiB ({model.max_batch_size} x {model.max_seq_len} tokens"
+             f"KV cache {model.cache_bytes() / MiB:.0f} MiB ({cache_kind(model)}, {model.max_batch_size} x "
+             f"{model.max_seq_len} tokens"
              + (f", {model.args.sliding_window}-token sliding window)" if model.args.sliding_window else ")"),
              f"peak host RSS {peak_host_rss_bytes() / GiB:.2f} GiB"]
     if device.type == "cuda":

@@ -11,7 +11,7 @@ outside.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +22,11 @@ ATTENTION_BACKENDS = ("sdpa", "flash", "math")
 # How q/k rows pair the dimensions they rotate: Meta's interleaved pairs (2i, 2i+1), or Hugging
 # Face's halves (i, i + head_dim/2) of checkpoints whose quantized rows are used as stored.
 ROPE_LAYOUTS = ("interleaved", "halves")
+# What the KV cache holds: keys and values in the model's dtype, or int8 with one scale per position
+# and key/value head (Int8KVCache): half the bytes of a 16-bit cache, plus the scales.
+KV_CACHES = ("model", "int8")
+# Positions of an int8 cache that attention dequantizes at a time: see attend_int8.
+KV_CHUNK = 1024
 # oneDNN's inner product, the kernel torch.compile gives float32 linears on the CPU: see Linear.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -275,23 +280,105 @@ class RollingKVCache(nn.Module):
         return rows.select(self.k, t), rows.select(self.v, t), visible
 
 
+def quantize_int8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of each vector along x's last axis: codes [..., d] int8 and scales [..., 1] in
+    dtype, x ~ codes * scales. The scale (absmax / 127) is rounded to dtype before x is divided by
+    it, so that the codes fit the scale actually stored; a vector of zeros gets the smallest scale."""
+    x = x.float()
+    absmax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True)  # max |x| in one kernel
+    scales = (absmax / 127).clamp_(min=torch.finfo(dtype).tiny).to(dtype)
+    codes = (x / scales).round_().clamp_(-127, 127)  # a scale rounded down can give 127.5
+    return codes.to(torch.int8), scales
+
+
+@dataclass(frozen=True)
+class Int8KV:
+    """Keys or values as an Int8KVCache returns them: codes [b, kv_h, t, d] int8 and scales
+    [b, kv_h, t, 1] in the model's dtype, the vector at each position being codes * scales."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def __getitem__(self, index: tuple[slice, ...]) -> Int8KV:
+        """The same rows, heads and positions of codes and scales (an index of the first three axes)."""
+        return Int8KV(self.codes[index], self.scales[index])
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.codes * self.scales.to(dtype)  # [b, kv_h, t, d] in dtype, converted within the product
+
+
+class Int8KVCache(nn.Module):
+    """Keys and values as int8 with one scale per position and key/value head (quantize_int8),
+    quantized as they are written: half the bytes of a 16-bit cache, plus the scales.
+
+    Two caches of the kind a float cache would be (KVCache, or RollingKVCache for a window) hold
+    them, one the codes and the other the scales as vectors of one value, so every write and read
+    places both alike; reads return them as Int8KV, which attention dequantizes (attend_int8).
+    Each position is quantized alone, so a row's numbers do not depend on the rows beside it.
+    """
+
+    def __init__(self, layout: type[KVCache | RollingKVCache], batch: int, n_kv_heads: int, slots: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.dtype = dtype
+        self.codes = layout(batch, n_kv_heads, slots, head_dim, torch.int8, device)
+        self.scales = layout(batch, n_kv_heads, slots, 1, dtype, device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, first_row: int = 0) -> tuple[Int8KV, Int8KV]:
+        """KVCache.update (or RollingKVCache.update), with k and v quantized on the way in."""
+        (k_codes, v_codes), (k_scales, v_scales) = self.quantize(k, v)
+        keys, values = self.codes.update(k_codes, v_codes, start_pos, first_row)
+        key_scales, value_scales = self.scales.update(k_scales, v_scales, start_pos, first_row)
+        return Int8KV(keys, key_scales), Int8KV(values, value_scales)
+
+    def update_rows(self, k: torch.Tensor, v: torch.Tensor,
+                    rows: DecodeRows) -> tuple[Int8KV, Int8KV, torch.Tensor]:
+        """KVCache.update_rows (or RollingKVCache.update_rows), with k and v quantized on the way in."""
+        (k_codes, v_codes), (k_scales, v_scales) = self.quantize(k, v)
+        keys, values, visible = self.codes.update_rows(k_codes, v_codes, rows)
+        key_scales, value_scales, _ = self.scales.update_rows(k_scales, v_scales, rows)
+        return Int8KV(keys, key_scales), Int8KV(values, value_scales), visible
+
+    def quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """quantize_int8 of k and v [b, kv_h, s, d] together, [2, b, kv_h, s, d] codes and [2, b, kv_h, s, 1]
+        scales: one set of kernels for both, at every layer of every decode step."""
+        return quantize_int8(torch.stack((k, v)), self.dtype)
+
+
+def check_kv_cache(kv_cache: str) -> None:
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache={kv_cache!r} is not one of {KV_CACHES}")
+
+
 def cache_slots(max_seq_len: int, window: int | None) -> int:
     """Positions each layer's cache holds: all of them, or the last `window` with a sliding window."""
     return max_seq_len if window is None else min(window, max_seq_len)
 
 
 def kv_cache_bytes(args: ModelArgs, batch: int, max_seq_len: int, dtype: torch.dtype,
-                   window: int | None = None) -> int:
-    """Bytes the KV cache of all layers takes for batch x max_seq_len tokens, with or without a window."""
-    per_layer = 2 * batch * args.n_kv_heads * cache_slots(max_seq_len, window) * args.head_dim
-    return args.n_layers * per_layer * dtype.itemsize
+                   window: int | None = None, kv_cache: str = "model") -> int:
+    """Bytes the KV cache of all layers takes for batch x max_seq_len tokens, with or without a
+    window, its keys and values in dtype or (kv_cache "int8") one byte each plus a dtype scale per
+    position and head."""
+    check_kv_cache(kv_cache)
+    vector = args.head_dim * dtype.itemsize if kv_cache == "model" else args.head_dim + dtype.itemsize
+    return args.n_layers * 2 * batch * args.n_kv_heads * cache_slots(max_seq_len, window) * vector
 
 
 def attention_mask(s: int, t: int, window: int | None, device: torch.device) -> torch.Tensor:
     """Boolean [s, t], True where query i (at key index t - s + i) may see key j: causal, and within
     the sliding window when there is one (see the convention above)."""
-    q_idx = torch.arange(t - s, t, device=device)[:, None]
-    k_idx = torch.arange(t, device=device)[None, :]
+    return visible_keys(torch.arange(t - s, t, device=device), torch.arange(t, device=device), window)
+
+
+def visible_keys(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [len(queries), len(keys)] of key indices: True where the query at key index
+    queries[i] may see key keys[j], causal and within the window (see the convention above)."""
+    q_idx, k_idx = queries[:, None], keys[None, :]
     visible = k_idx <= q_idx
     if window is not None:
         visible &= k_idx > q_idx - window
@@ -309,6 +396,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
     s, t = q.shape[1], k.shape[2]
     if window is not None and t > window - 1 + s:  # keys older than the first query's window
         k, v = k[:, :, t - (window - 1 + s):], v[:, :, t - (window - 1 + s):]
+    if isinstance(k, Int8KV):
+        return attend_int8(q, k, v, window, backend)
     if backend == "flash":
         return flash_attend(q, k, v, window)
     q = q.transpose(1, 2)  # [b, h, s, d]
@@ -363,12 +452,21 @@ def flash_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int 
                            window_size=window_size)
 
 
-def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, backend: str) -> torch.Tensor:
+def attend_rows(q: torch.Tensor, k: torch.Tensor | Int8KV, v: torch.Tensor | Int8KV, visible: torch.Tensor,
+                backend: str) -> torch.Tensor:
     """One query per row, q [b, 1, h, d], over its row of k, v [b, kv_h, t, d] where visible [b, t]:
     one call for the whole batch; returns [b, 1, h, d]. The query heads that share a key/value head
-    are folded into its query rows, as in sdpa_attend; flash-attn takes no mask, so SDPA runs there."""
+    are folded into its query rows, as in sdpa_attend; flash-attn takes no mask, so SDPA runs there.
+    int8 keys and values are dequantized KV_CHUNK positions at a time, as in attend_int8."""
     b, _, h, d = q.shape
-    kv_h = k.shape[1]
+    kv_h, t = k.shape[1], k.shape[2]
+    if isinstance(k, Int8KV) and t <= KV_CHUNK:
+        k, v = k.dequantize(q.dtype), v.dequantize(q.dtype)
+    elif isinstance(k, Int8KV):
+        spans = [(start, min(start + KV_CHUNK, t)) for start in range(0, t, KV_CHUNK)]
+        out = attend_in_chunks(q.view(b, kv_h, h // kv_h, 1, d), k, v, spans,
+                               lambda start, end: visible[:, None, None, None, start:end])  # [b, kv_h, groups, 1, d]
+        return out.reshape(b, 1, h, d)
     folded = q.reshape(b, kv_h, h // kv_h, d)  # query head j = kv head j // groups
     mask = visible[:, None, None, :]  # [b, 1, 1, t]: the same keys for every head of a row
     if backend == "math":
@@ -377,6 +475,84 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torc
     else:
         out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)  # [b, kv_h, groups, d]
     return out.reshape(b, 1, h, d)
+
+
+def attend_int8(q: torch.Tensor, k: Int8KV, v: Int8KV, window: int | None, backend: str) -> torch.Tensor:
+    """attend over int8 keys and values (Int8KVCache), dequantized KV_CHUNK positions at a time.
+
+    Dequantizing all of a layer's keys and values at every call would build, at each layer of each
+    step, a 16-bit copy of them as large as the context: a transient that grows with the cache the
+    int8 cache was chosen to shrink (512 MiB per layer for 8 rows of 4096 tokens of LLaMA 7B). A
+    block of s queries already holds its own s keys and values in 16 bits, and larger activations:
+    up to s + KV_CHUNK positions are dequantized whole and attended as a 16-bit cache's are (the
+    same kernels, flash-attn's included), which adds no more than that. Beyond, queries and keys go
+    in tiles of KV_CHUNK, the keys of a tile of queries merged by attend_in_chunks, so that a decode
+    step never dequantizes more than KV_CHUNK positions at once.
+    """
+    s, t = q.shape[1], k.shape[2]
+    if t <= s + KV_CHUNK:
+        return attend(q, k.dequantize(q.dtype), v.dequantize(q.dtype), window, backend)
+    b, _, h, d = q.shape
+    kv_h = k.shape[1]
+    tiles = []
+    for first in range(0, s, KV_CHUNK):
+        n = min(KV_CHUNK, s - first)
+        low, high = t - s + first, t - s + first + n  # the key indices of the tile's queries: low..high-1
+        start = 0 if window is None else max(0, low - window + 1)  # the first key any of them sees
+        spans = [(j, min(j + KV_CHUNK, high)) for j in range(start, high, KV_CHUNK)]
+        tile = q[:, first:first + n].transpose(1, 2).reshape(b, kv_h, h // kv_h, n, d)  # head j = kv head j // groups
+        out = attend_in_chunks(tile, k, v, spans, tile_mask(low, high, window, q.device))  # [b, kv_h, groups, n, d]
+        tiles.append(out.reshape(b, h, n, d).transpose(1, 2))  # [b, n, h, d]
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=1)
+
+
+def tile_mask(low: int, high: int, window: int | None,
+              device: torch.device) -> Callable[[int, int], torch.Tensor | None]:
+    """attend_in_chunks' mask for the queries at key indices low..high-1: which of them see keys
+    start..end-1 [high - low, end - start], or None where all of them see all of those."""
+    queries = torch.arange(low, high, device=device)
+
+    def mask(start: int, end: int) -> torch.Tensor | None:
+        if end - 1 <= low and (window is None or start > high - 1 - window):
+            return None
+        return visible_keys(queries, torch.arange(start, end, device=device), window)
+
+    return mask
+
+
+def attend_in_chunks(q: torch.Tensor, k: Int8KV, v: Int8KV, spans: Sequence[tuple[int, int]],
+                     mask: Callable[[int, int], torch.Tensor | None]) -> torch.Tensor:
+    """Softmax attention of q [b, kv_h, groups, n, d] (the query heads of each key/value head) over
+    int8 keys and values [b, kv_h, t, d], span by span (start, end) of positions, in float32: each
+    span is merged into a running maximum, sum and output, as flash attention does, so that one
+    span's keys, values and scores exist at a time. The scales multiply the scores and the weights
+    rather than the codes: products over the span's positions, not over its positions x head_dim.
+    mask(start, end): which queries see those keys, broadcastable to [b, kv_h, groups, n, end - start],
+    or None for all of them; every query must see at least one key. Returns [b, kv_h, groups, n, d]
+    in q's dtype."""
+    b, kv_h, groups, n, d = q.shape
+    rows = q.reshape(b, kv_h, groups * n, d).float() / math.sqrt(d)  # rows (group, query)
+    best = rows.new_full((b, kv_h, groups * n, 1), -math.inf)  # the largest score so far
+    total = rows.new_zeros((b, kv_h, groups * n, 1))  # sum of exp(score - best)
+    out = rows.new_zeros((b, kv_h, groups * n, d))  # sum of exp(score - best) * value
+    for start, end in spans:
+        keys, values = k[:, :, start:end], v[:, :, start:end]
+        scores = rows @ keys.codes.float().transpose(-2, -1)  # [b, kv_h, groups * n, c]
+        scores.mul_(keys.scales.float().transpose(-2, -1))  # [b, kv_h, 1, c]: each key's scale
+        visible = mask(start, end)
+        if visible is not None:
+            scores.view(b, kv_h, groups, n, -1).masked_fill_(~visible, -math.inf)
+        new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
+        # A query that has seen no key yet still has -inf: subtract the lowest float instead, so that
+        # its weights come out 0 rather than exp(-inf + inf) = NaN.
+        shift = new_best.clamp(min=torch.finfo(torch.float32).min)
+        weights = scores.sub_(shift).exp_()
+        decay = best.sub_(shift).exp_()
+        total.mul_(decay).add_(weights.sum(-1, keepdim=True))
+        weights.mul_(values.scales.float().transpose(-2, -1))  # each value's scale
+        out.mul_(decay).add_(weights @ values.codes.float())  # [b, kv_h, groups * n, d]
+        best = new_best
+    return (out / total).view(b, kv_h, groups, n, d).to(q.dtype)
 
 
 @dataclass(frozen=True)
@@ -424,7 +600,7 @@ class Attention(nn.Module):
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.rotate = ROTARY[args.rope_layout]  # chosen once: the checkpoint's q/k row layout
-        self.cache: KVCache | RollingKVCache | None = None
+        self.cache: KVCache | RollingKVCache | Int8KVCache | None = None
         self.wqkv: torch.Tensor | None = None  # wq, wk, wv's rows as one weight: see fuse_projections
 
     def fuse_projections(self) -> None:
@@ -511,14 +687,16 @@ class Transformer(nn.Module):
         self.prefill_chunk: int | None = None
         # Whether a row's numbers must not depend on the rows beside it; set by setup_caches.
         self.batch_invariant = True
+        self.kv_cache = "model"  # one of KV_CACHES; set by setup_caches
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
-                     device: torch.device | str, prefill_chunk: int | None = None) -> None:
+                     device: torch.device | str, prefill_chunk: int | None = None, kv_cache: str = "model") -> None:
         """Allocate the KV cache and rotary tables for up to max_batch_size sequences of max_seq_len tokens.
 
         With a sliding window each layer keeps only the last `window` positions (RollingKVCache).
         prefill_chunk: blocks longer than this are run in chunks of it, bounding the activations;
-        with a window a chunk never exceeds the window.
+        with a window a chunk never exceeds the window. kv_cache: one of KV_CACHES, keys and values
+        in dtype ("model") or in int8 with a dtype scale per position and head (Int8KVCache).
 
         Call it once the weights are in place: it also sets batch_invariant, whether rows at their
         own places attend one by one (RowPlaces) so that a row's numbers do not depend on the rows
@@ -528,15 +706,17 @@ class Transformer(nn.Module):
         """
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        check_kv_cache(kv_cache)
+        self.max_batch_size, self.max_seq_len, self.kv_cache = max_batch_size, max_seq_len, kv_cache
         a = self.args
         window = a.sliding_window
         self.prefill_chunk = prefill_chunk if window is None else min(prefill_chunk or window, window)
         slots = cache_slots(max_seq_len, window)
+        # Below max_seq_len positions the window never bites: a plain cache is the same thing.
+        layout = RollingKVCache if slots < max_seq_len else KVCache
+        sizes = (max_batch_size, a.n_kv_heads, slots, a.head_dim, dtype, device)
         for layer in self.layers:
-            # Below max_seq_len positions the window never bites: a plain cache is the same thing.
-            cache = RollingKVCache if slots < max_seq_len else KVCache
-            layer.attention.cache = cache(max_batch_size, a.n_kv_heads, slots, a.head_dim, dtype, device)
+            layer.attention.cache = Int8KVCache(layout, *sizes) if kv_cache == "int8" else layout(*sizes)
         self.register_buffer("rope", rope_tables(a, max_seq_len, device), persistent=False)
         self.batch_invariant = all(isinstance(m, Linear) for m in self.modules() if isinstance(m, nn.Linear))
 
