@@ -51,6 +51,10 @@ DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_MAX_QUEUE = 64
 # Most positions a scored prompt prefills in one step: their logits are what a step keeps.
 SCORED_CHUNK = 256
+# Prompts share their beginnings in whole blocks of this many tokens, as vLLM's prefix cache does: a
+# few shared tokens (a BOS, a chat header) would save nothing, yet move where the prompt's chunks
+# start (its logits then round differently in their last bits than in its prefill alone).
+REUSE_BLOCK = 16
 
 
 class QueueFull(RuntimeError):
@@ -108,7 +112,8 @@ class Output:
     once it ended: "stop" (a stop
     token or string), "length" (max_tokens), "cancelled" or "error". A request that scores its
     prompt gets prompt_logprobs once, in an output of their own before any generated token: one
-    per prompt token, None for the first (nothing comes before it)."""
+    per prompt token, None for the first (nothing comes before it). cached_tokens: the prompt's
+    leading tokens whose keys and values were reused, not computed (prefix reuse)."""
 
     text: str
     tokens: tuple[int, ...]
@@ -117,6 +122,7 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -130,6 +136,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    cached_tokens: int = 0
 
     def add(self, out: Output) -> None:
         self.text += out.text
@@ -138,6 +145,7 @@ class Completion:
         self.prompt_logprobs += out.prompt_logprobs
         self.finish_reason = out.finish_reason
         self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+        self.cached_tokens = max(self.cached_tokens, out.cached_tokens)
 
 
 OnOutput = Callable[[Output], None]
@@ -168,6 +176,7 @@ class ActiveRequest:
         self.tokens = list(request.prompt)
         self.n_prompt = len(self.tokens)
         self.cached = 0  # tokens whose keys and values are in the cache row
+        self.reused = 0  # of them, the prompt's first tokens taken from a cache row, not computed
         # The prompt's log-probabilities so far, when asked: nothing predicts the first token.
         self.prompt_scores: list[TokenLogprob | None] | None = None if request.prompt_logprobs is None else [None]
         self.generator = torch.Generator(device=device)
@@ -218,7 +227,7 @@ class Engine:
     step() from one thread at a time."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_queue: int = DEFAULT_MAX_QUEUE,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prefix_reuse: bool = True):
         if model.max_batch_size < 1:
             raise ValueError("the model has no cache: call model.setup_caches first")
         if max_queue < 0:
@@ -233,6 +242,10 @@ class Engine:
         # cannot decode (and never generates).
         self.vocab_size = min(model.args.vocab_size, tokenizer.vocab_size)
         self.slots: list[ActiveRequest | None] = [None] * model.max_batch_size
+        # What each cache row holds from position 0 once its request has ended: a prompt that begins
+        # with those tokens starts after them (prefix reuse).
+        self.prefix_reuse = prefix_reuse
+        self.row_tokens: list[list[int]] = [[] for _ in self.slots]
         self.waiting: deque[Handle] = deque()
         self.lock = threading.Condition()  # guards waiting and closed; notified when work arrives
         self.closed = False
@@ -322,6 +335,10 @@ class Engine:
         self.admit_waiting()
         budget = self.prefill_chunk
         for seq in sorted((s for s in self.slots if s is not None and s.prefilling), key=lambda s: s.handle.id):
+            # Until a prompt computes its own first chunk, another row may come to hold more of it. A
+            # scored prompt needs every logit.
+            if self.prefix_reuse and seq.cached == seq.reused and seq.prompt_scores is None:
+                self.reuse_prefix(seq)
             # Whole chunks of the request's own prompt: where its chunks start must not depend on
             # the requests beside it, or its logits would round differently. A scored prompt's chunks
             # are bounded so that their logits stay small (4k positions of a 128k vocabulary: 2 GB).
@@ -349,19 +366,48 @@ class Engine:
     def admit_waiting(self) -> None:
         failed = []
         with self.lock:
-            for row, seq in enumerate(self.slots):
-                while self.slots[row] is None and self.waiting:
-                    handle = self.waiting.popleft()
-                    try:
-                        grammar = handle.request.grammar
-                        self.slots[row] = ActiveRequest(handle, row, self.tokenizer, self.model.args.vocab_size,
-                                                        self.model.device,
-                                                        None if grammar is None else self.grammars.matcher(grammar))
-                    except Exception:  # ends this request alone; the slot goes to the next one
-                        log.exception("Setting up request %d failed; ending it alone", handle.id)
-                        failed.append(handle)
+            while self.waiting and None in self.slots:
+                handle = self.waiting.popleft()
+                row = self.free_row_for(handle.request)
+                try:
+                    grammar = handle.request.grammar
+                    self.slots[row] = ActiveRequest(handle, row, self.tokenizer, self.model.args.vocab_size,
+                                                    self.model.device,
+                                                    None if grammar is None else self.grammars.matcher(grammar))
+                except Exception:  # ends this request alone; the slot goes to the next one
+                    log.exception("Setting up request %d failed; ending it alone", handle.id)
+                    failed.append(handle)
         for h in failed:
             h.on_output(Output("", (), (), "error", len(h.request.prompt), 0))
+
+    def free_row_for(self, request: Request) -> int:
+        """The free slot whose cache row holds the longest beginning of request's prompt."""
+        free = [row for row, seq in enumerate(self.slots) if seq is None]
+        return max(free, key=lambda row: (shared_prefix(self.row_tokens[row], request.prompt), -row))
+
+    def held_tokens(self, row: int) -> list[int]:
+        """The tokens whose keys and values cache row holds from position 0: its request's so far, or
+        the last request's while the new one has written nothing there yet."""
+        seq = self.slots[row]
+        return self.row_tokens[row] if seq is None or seq.cached == 0 else seq.tokens[:seq.cached]
+
+    def reuse_prefix(self, seq: ActiveRequest) -> None:
+        """Start seq after the longest beginning of its prompt that a cache row holds (its own, or one
+        copied from another row, running or free), where that is longer than what it holds already,
+        leaving at least its last prompt token to compute: its logits start the answer."""
+        best, source = seq.cached, seq.row
+        for row in range(len(self.slots)):
+            held = self.held_tokens(row)
+            shared = shared_prefix(held, seq.tokens[:seq.n_prompt - 1])
+            # All a row holds (the next turn of a chat, which a ring can resume only there), or whole blocks.
+            n = shared if shared == len(held) and shared >= REUSE_BLOCK else shared // REUSE_BLOCK * REUSE_BLOCK
+            if n > best and self.model.holds_prefix(len(held), n):
+                best, source = n, row
+        if best == seq.cached:
+            return
+        if source != seq.row:
+            self.model.copy_cache_prefix(source, seq.row, best)
+        seq.cached = seq.reused = best
 
     @torch.inference_mode()
     def prefill(self, seq: ActiveRequest, n: int) -> None:
@@ -477,7 +523,8 @@ class Engine:
         elif stopped:
             self.finish(seq, text, "stop", (token,), logprobs)
         else:
-            seq.handle.on_output(Output(text, (token,), logprobs, None, seq.n_prompt, seq.generated))
+            seq.handle.on_output(Output(text, (token,), logprobs, None, seq.n_prompt, seq.generated,
+                                        cached_tokens=seq.reused))
 
     @staticmethod
     def rest_of_text(seq: ActiveRequest) -> tuple[str, bool]:
@@ -488,9 +535,11 @@ class Engine:
 
     def finish(self, seq: ActiveRequest, text: str, reason: str, tokens: tuple[int, ...] = (),
                logprobs: tuple[TokenLogprob, ...] = ()) -> None:
-        """Report the last output and free the slot."""
+        """Report the last output and free the slot; its cache row keeps what it holds for the next prompt."""
         self.slots[seq.row] = None
-        seq.handle.on_output(Output(text, tokens, logprobs, reason, seq.n_prompt, seq.generated))
+        self.row_tokens[seq.row] = seq.tokens[:seq.cached]
+        seq.handle.on_output(Output(text, tokens, logprobs, reason, seq.n_prompt, seq.generated,
+                                    cached_tokens=seq.reused))
 
     def abort_all(self, reason: str) -> None:
         """End every request, running or waiting, with reason (after an error, or at shutdown)."""
@@ -522,6 +571,16 @@ class Engine:
                 pending.popleft()
             self.step()
         return results
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class EngineThread:

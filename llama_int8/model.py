@@ -224,6 +224,11 @@ class KVCache(nn.Module):
         visible = torch.arange(t, device=k.device) <= positions[:, None]
         return rows.select(self.k, t), rows.select(self.v, t), visible
 
+    def copy_prefix(self, source: int, row: int, n: int) -> None:
+        """Row takes source's keys and values of positions 0..n-1."""
+        self.k[row, :, :n] = self.k[source, :, :n]
+        self.v[row, :, :n] = self.v[source, :, :n]
+
 
 class RollingKVCache(nn.Module):
     """The last `window` keys and values only, in a ring buffer [batch, kv_heads, window, head_dim]:
@@ -278,6 +283,12 @@ class RollingKVCache(nn.Module):
         t = min(max(rows.starts) + 1, w)
         visible = torch.arange(t, device=k.device) < (positions[:, None] + 1).clamp(max=w)
         return rows.select(self.k, t), rows.select(self.v, t), visible
+
+    def copy_prefix(self, source: int, row: int, n: int) -> None:
+        """Row takes source's ring, which holds positions 0..n-1 where holds_prefix says so: the slots
+        of later positions are written again before anything reads them."""
+        self.k[row] = self.k[source]
+        self.v[row] = self.v[source]
 
 
 def quantize_int8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -714,6 +725,7 @@ class Transformer(nn.Module):
         slots = cache_slots(max_seq_len, window)
         # Below max_seq_len positions the window never bites: a plain cache is the same thing.
         layout = RollingKVCache if slots < max_seq_len else KVCache
+        self.cache_window = slots if layout is RollingKVCache else None  # positions a ring keeps
         sizes = (max_batch_size, a.n_kv_heads, slots, a.head_dim, dtype, device)
         for layer in self.layers:
             layer.attention.cache = Int8KVCache(layout, *sizes) if kv_cache == "int8" else layout(*sizes)
@@ -724,6 +736,20 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         """Where the caches (and so the activations) live; set by setup_caches."""
         return self.rope.device
+
+    def holds_prefix(self, held: int, n: int) -> bool:
+        """Whether a cache row that has been written up to position held - 1 still has what a text
+        resumed at position n <= held attends to. A plain cache keeps every position; a ring has
+        overwritten the positions before held - window, which such a text needs unless it resumes
+        within a step of where the row stopped."""
+        window = self.cache_window
+        return window is None or held <= window or n >= held - 1
+
+    def copy_cache_prefix(self, source: int, row: int, n: int) -> None:
+        """Cache row takes source's keys and values of positions 0..n-1, in every layer."""
+        for m in self.modules():
+            if isinstance(m, (KVCache, RollingKVCache)):
+                m.copy_prefix(source, row, n)
 
     def fuse_projections(self) -> None:
         """One matmul for each block's q/k/v and one for its gate/up projections, wherever the layers

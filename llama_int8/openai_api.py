@@ -417,9 +417,11 @@ class ResponseIds:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; prompt_tokens_details.cached_tokens where a prompt's beginning was reused."""
+    counts: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}
+    return {**counts, "prompt_tokens_details": {"cached_tokens": cached_tokens}} if cached_tokens else counts
 
 
 def token_text(tokenizer: Tokenizer, token: int) -> str:
@@ -484,19 +486,17 @@ def completion_chunk(ids: ResponseIds, index: int, text: str, finish_reason: str
     return {**chunk, "usage": None} if include_usage else chunk
 
 
-def usage_chunk(ids: ResponseIds, obj: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """The last chunk of a stream that asked for usage: no choices."""
-    return {**ids.envelope(obj), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+def usage_chunk(ids: ResponseIds, obj: str, counts: dict[str, Any]) -> dict[str, Any]:
+    """The last chunk of a stream that asked for usage (counts: usage()): no choices."""
+    return {**ids.envelope(obj), "choices": [], "usage": counts}
 
 
-def chat_response(ids: ResponseIds, choices: list[dict[str, Any]], prompt_tokens: int,
-                  completion_tokens: int) -> dict[str, Any]:
-    return {**ids.envelope("chat.completion"), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+def chat_response(ids: ResponseIds, choices: list[dict[str, Any]], counts: dict[str, Any]) -> dict[str, Any]:
+    return {**ids.envelope("chat.completion"), "choices": choices, "usage": counts}
 
 
-def completion_response(ids: ResponseIds, choices: list[dict[str, Any]], prompt_tokens: int,
-                        completion_tokens: int) -> dict[str, Any]:
-    return {**ids.envelope("text_completion"), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+def completion_response(ids: ResponseIds, choices: list[dict[str, Any]], counts: dict[str, Any]) -> dict[str, Any]:
+    return {**ids.envelope("text_completion"), "choices": choices, "usage": counts}
 
 
 def is_final(out: Output) -> bool:

@@ -81,6 +81,8 @@ class Metrics:
         Gauge("llama_int8_requests_waiting", "Requests waiting for a slot", registry=r).set_function(waiting)
         self.prompt_tokens = Counter("llama_int8_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("llama_int8_generation_tokens", "Tokens generated", registry=r)
+        self.cached_prompt_tokens = Counter("llama_int8_prompt_tokens_cached", "Prompt tokens whose keys and values "
+                                            "were reused from the cache, not computed", registry=r)
         self.finished = Counter("llama_int8_requests_finished", "Requests ended, by finish reason",
                                 ["finish_reason"], registry=r)
         self.ttft = Histogram("llama_int8_time_to_first_token_seconds", "From arrival to the first generated token",
@@ -99,6 +101,8 @@ class RequestTimer:
 
     def observe(self, out: Output) -> None:
         now = time.monotonic()
+        if out.finish_reason is not None:
+            self.metrics.cached_prompt_tokens.inc(out.cached_tokens)
         if out.completion_tokens > self.counted:
             self.metrics.generation_tokens.inc(out.completion_tokens - self.counted)
             self.counted = out.completion_tokens

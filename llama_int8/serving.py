@@ -79,6 +79,11 @@ class Job:
     def prompt_of(self, choice: int) -> int:
         return choice // self.body.n
 
+    def usage(self, completion_tokens: int, cached: list[int]) -> dict[str, Any]:
+        """OpenAI's usage of the job; cached: each request's prompt tokens reused, of which a prompt
+        counts its first choice's (the prompt is counted once, whatever n)."""
+        return api.usage(self.prompt_tokens, completion_tokens, sum(cached[::self.body.n]))
+
 
 class Serving:
     """The OpenAI endpoints' logic over one engine; encode_dialog turns messages into prompt tokens
@@ -262,20 +267,20 @@ class Serving:
         """The whole answer to a job whose requests have all ended, or ApiError when one failed."""
         if (error := self.failure({r.finish_reason for r in results})) is not None:
             raise error
-        completion_tokens = sum(r.completion_tokens for r in results)
+        counts = job.usage(sum(r.completion_tokens for r in results), [r.cached_tokens for r in results])
         if job.kind == "chat":
             body: api.ChatCompletionRequest = job.body
             choices = [{"index": i, **self.chat_message(job, r),
                         "logprobs": None if body.alternatives is None
                         else {"content": api.chat_logprob_entries(self.tokenizer, r.logprobs)}}
                        for i, r in enumerate(results)]
-            response = api.chat_response(job.ids, choices, job.prompt_tokens, completion_tokens)
+            response = api.chat_response(job.ids, choices, counts)
             if body.prompt_logprobs is not None:
                 response["prompt_logprobs"] = self.vllm_prompt_logprobs(results[0].prompt_logprobs,
                                                                         body.prompt_logprobs)
             return response
         choices = [self.completion_choice(job, i, r) for i, r in enumerate(results)]
-        return api.completion_response(job.ids, choices, job.prompt_tokens, completion_tokens)
+        return api.completion_response(job.ids, choices, counts)
 
     @staticmethod
     def chat_message(job: Job, r: Completion) -> dict[str, Any]:
@@ -355,6 +360,7 @@ class Stream:
         self.serving, self.job = serving, job
         self.usage = job.body.include_usage
         self.completion_tokens = 0
+        self.cached = [0] * len(job.requests)
         self.offsets = [0] * len(job.requests)  # text sent so far per choice, for text_offset
         self.started = [False] * len(job.requests)
         # Each generated token's share of the text, for legacy logprobs: decoded after its prompt.
@@ -379,6 +385,7 @@ class Stream:
     def chunks(self, i: int, out: Output) -> list[dict[str, Any]]:
         if out.finish_reason is not None:
             self.completion_tokens += out.completion_tokens
+        self.cached[i] = max(self.cached[i], out.cached_tokens)
         return self.chat_chunks(i, out) if self.job.kind == "chat" else self.completion_chunks(i, out)
 
     def chat_chunks(self, i: int, out: Output) -> list[dict[str, Any]]:
@@ -426,4 +433,4 @@ class Stream:
         if not self.usage:
             return []
         obj = "chat.completion.chunk" if self.job.kind == "chat" else "text_completion"
-        return [api.usage_chunk(self.job.ids, obj, self.job.prompt_tokens, self.completion_tokens)]
+        return [api.usage_chunk(self.job.ids, obj, self.job.usage(self.completion_tokens, self.cached))]
