@@ -4,8 +4,14 @@ SentencePiece tokenizer trained on the spot, and the real SmolLM2-135M-Instruct 
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -160,6 +166,47 @@ def smollm2_reference(smollm2_hf):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_gguf: Path) -> Iterator[str]:
+    """The OpenAI server on SmolLM2 (float32, 8 slots of 1024 tokens, no API key), model name "smollm2",
+    on 127.0.0.1 for the whole session: its base URL."""
+    from llama_int8 import Llama
+    from llama_int8.server import ServerSettings, create_app
+
+    llm = Llama.build(smollm2_gguf, quant="none", dtype="float32", device="cpu", max_seq_len=1024, max_batch_size=8)
+    with running_server(create_app(ServerSettings(model_name="smollm2"), lambda: llm)) as url:
+        wait_ready(url)
+        yield url
+
+
+@contextmanager
+def running_server(app) -> Iterator[str]:
+    """Serve app from a thread on 127.0.0.1 at a port the system picks; yields the base URL."""
+    import uvicorn
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/health").status_code != 200:
+        assert time.monotonic() < deadline, "the model did not load"
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,10 @@ The clients are test-only dependencies (requirements-test.txt)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from llama_int8 import Llama
-from llama_int8.server import ServerSettings, create_app
-from test_serve import running_server, wait_ready
 
 instructor = pytest.importorskip("instructor")
 langchain_openai = pytest.importorskip("langchain_openai")
@@ -51,22 +45,13 @@ WEATHER_QUESTION = "What is the weather in Paris?"
 
 
 @pytest.fixture(scope="module")
-def clients_server(smollm2_gguf: Path) -> Iterator[str]:
-    # Tool descriptions go into the system message: prompts of about 200 tokens.
-    llm = Llama.build(smollm2_gguf, quant="none", dtype="float32", device="cpu", max_seq_len=1024, max_batch_size=4)
-    with running_server(create_app(ServerSettings(model_name="smollm2"), lambda: llm)) as url:
-        wait_ready(url)
-        yield url
+def openai_client(smollm2_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{smollm2_server}/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")
-def openai_client(clients_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{clients_server}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def chat(clients_server):
-    return langchain_openai.ChatOpenAI(base_url=f"{clients_server}/v1", api_key="unused", model="smollm2",
+def chat(smollm2_server):
+    return langchain_openai.ChatOpenAI(base_url=f"{smollm2_server}/v1", api_key="unused", model="smollm2",
                                        temperature=0, max_tokens=MAX_TOKENS, max_retries=0)
 
 

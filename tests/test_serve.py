@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from conftest import tiny_hf_model, write_hf_folder
+from conftest import running_server, tiny_hf_model, wait_ready, write_hf_folder
 from llama_int8 import Llama
 from llama_int8.engine import Engine, Request
 from llama_int8.sampling import SamplingParams
@@ -35,32 +32,6 @@ MODEL = "tiny"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"}]
 PROMPTS = ["The quick brown fox", "Paris is the capital of", "To be or not to be", "All that glitters",
            "A journey of a thousand miles", "Numbers: 0 1 2"]
-
-
-@contextmanager
-def running_server(app) -> Iterator[str]:
-    """Serve app from a thread on 127.0.0.1 at a port the system picks; yields the base URL."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def wait_ready(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{url}/health").status_code != 200:
-        assert time.monotonic() < deadline, "the model did not load"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

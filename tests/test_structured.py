@@ -22,9 +22,9 @@ from llama_int8.engine import Engine
 from llama_int8.openai_api import StructuredOutputs, grammar_of
 from llama_int8.sampling import SamplingParams
 from llama_int8.server import ServerSettings, create_app
-from conftest import tiny_hf_model, write_hf_folder
+from conftest import running_server, tiny_hf_model, wait_ready, write_hf_folder
 from test_batch import read_results, run_batch_cli, write_lines
-from test_serve import MODEL, assert_openai_error, build_tiny, running_server, wait_ready
+from test_serve import MODEL, assert_openai_error, build_tiny
 
 # Twenty schemas of the shapes applications send: nested objects, arrays, enums, required fields,
 # bounded numbers, patterned strings. Strings and arrays are bounded so that a random model's
@@ -221,14 +221,6 @@ def test_two_hundred_batch_lines_with_a_schema_each_all_validate(tiny_folder, tm
 
 
 # --- SmolLM2: a real chat model answers in the shape asked -----------------------------------------
-
-@pytest.fixture(scope="module")
-def smollm2_server(smollm2_gguf: Path) -> Iterator[str]:
-    llm = Llama.build(smollm2_gguf, quant="none", dtype="float32", device="cpu", max_seq_len=512, max_batch_size=8)
-    with running_server(create_app(ServerSettings(model_name="smollm2"), lambda: llm)) as url:
-        wait_ready(url)
-        yield url
-
 
 QUESTIONS = ["Describe a person.", "Describe a city.", "Give me a product review.", "Describe the weather today."]
 

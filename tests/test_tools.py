@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
 
-from llama_int8 import Llama
-from llama_int8.server import ServerSettings, create_app
 from llama_int8.tool_use import describe_tools, tool_use_of
 from test_batch import read_results, run_batch_cli, write_lines
-from test_serve import MODEL, assert_openai_error, running_server, wait_ready
+from test_serve import MODEL, assert_openai_error
 from test_structured import post_all, tiny_folder, tiny_llm, tiny_server
 
 __all__ = ["tiny_folder", "tiny_llm", "tiny_server"]  # fixtures used through pytest
@@ -45,11 +41,8 @@ def named(name: str) -> dict:
 # --- SmolLM2 and the openai SDK ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smollm2_client(smollm2_gguf: Path) -> Iterator[openai.OpenAI]:
-    llm = Llama.build(smollm2_gguf, quant="none", dtype="float32", device="cpu", max_seq_len=1024, max_batch_size=4)
-    with running_server(create_app(ServerSettings(model_name="smollm2"), lambda: llm)) as url:
-        wait_ready(url)
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+def smollm2_client(smollm2_server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{smollm2_server}/v1", api_key="unused", max_retries=0)
 
 
 @pytest.mark.slow
