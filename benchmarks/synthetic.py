@@ -1,24 +1,33 @@
-"""Real LLaMA-family shapes, and checkpoints of random weights in them, so that loading and memory can
-be measured without downloading anything.
+"""Real LLaMA-family shapes (and a Mixtral scaled down to 1 B parameters), and checkpoints of random
+weights in them, so that loading and memory can be measured without downloading anything.
 
 `write_meta_checkpoint` cuts each tensor into model-parallel shards the way Meta's releases do;
 `write_hf_checkpoint` converts a Meta folder to Hugging Face's layout (q/k rows permuted back), so that
 both hold the same weights; `write_word_tokenizer` gives either folder a tokenizer.json.
+`write_random_hf_checkpoint` writes any shape, Mixtral's included (which has no Meta format here),
+straight to a Hugging Face folder with the package's own writer:
+
+    python -m benchmarks.synthetic Mixtral-1B /tmp/mixtral-1b-hf    # then --ckpt_dir it in benchmarks.speed
 """
 
 from __future__ import annotations
 
 import json
+import math
+import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import fire
 import torch
 from safetensors.torch import save_file
 
-from llama_int8.formats.common import HF_LAYER_NAMES, HF_TOP_NAMES
+from llama_int8.formats.common import HF_LAYER_NAMES, HF_TOP_NAMES, Checkpoint, NamedTensor
+from llama_int8.formats.hf import write_hf
 from llama_int8.formats.meta import META_SHARD_DIM, read_meta_tensors
-from llama_int8.model import ModelArgs, empty_model
+from llama_int8.model import ModelArgs, empty_model, parameter_shapes
 
 SHAPES: dict[str, ModelArgs] = {
     "SmolLM2-135M": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
@@ -31,6 +40,12 @@ SHAPES: dict[str, ModelArgs] = {
                             rope_theta=500000.0),
     "Mistral-7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, hidden_dim=14336,
                             rope_theta=1000000.0),
+    "Mixtral-8x7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, hidden_dim=14336,
+                              rope_theta=1000000.0, n_experts=8, experts_per_token=2),
+    # Not a released model: Mixtral-8x7B's layout (8 experts, 2 per token, 4 query heads per key/value
+    # head) narrowed and shortened to 1.00 B parameters, for load and speed runs on a small machine.
+    "Mixtral-1B": ModelArgs(dim=1024, n_layers=12, n_heads=16, n_kv_heads=4, vocab_size=32000, hidden_dim=3072,
+                            rope_theta=1000000.0, n_experts=8, experts_per_token=2),
 }
 
 
@@ -39,6 +54,11 @@ def shape(name: str, **overrides) -> ModelArgs:
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
     return replace(SHAPES[name], **overrides)
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """Parameters a checkpoint of args holds (a tied head counted once)."""
+    return sum(math.prod(s) for s in parameter_shapes(args).values())
 
 
 def random_piece(name: str, piece: int, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -133,3 +153,38 @@ def write_word_tokenizer(folder: str | Path, words: int = 256) -> Path:
     tokenizer.save(str(path))
     (Path(folder) / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return path
+
+
+class RandomCheckpoint(Checkpoint):
+    """Random weights in args' shapes (random_piece's, under Meta's names), as a checkpoint the package's
+    writers take; its tokenizer is the one in folder."""
+
+    format = "random"
+
+    def __init__(self, folder: Path, args: ModelArgs, dtype: torch.dtype, seed: int):
+        self.location, self.args, self.dtype, self.seed = folder, args, dtype, seed
+
+    def tensors(self) -> Iterator[NamedTensor]:
+        for name, piece_shape in parameter_shapes(self.args).items():
+            yield NamedTensor(name, random_piece(name, 0, piece_shape, self.dtype, self.seed), "random")
+
+
+def write_random_hf_checkpoint(folder: str | Path, args: ModelArgs, dtype: torch.dtype = torch.bfloat16,
+                               seed: int = 0, shard_bytes: int = 1024**3) -> Path:
+    """A Hugging Face folder (config.json of args' model type, e.g. mixtral; safetensors shards of about
+    shard_bytes with their index; a word-level tokenizer) of random weights, one shard in memory at a
+    time. Its weights are not write_meta_checkpoint's (q/k rows are drawn in Hugging Face's layout)."""
+    with tempfile.TemporaryDirectory() as tokenizer_folder:
+        write_word_tokenizer(tokenizer_folder)
+        return write_hf(RandomCheckpoint(Path(tokenizer_folder), args, dtype, seed), folder, shard_bytes=shard_bytes)
+
+
+def main(shape_name: str, out_dir: str, dtype: str = "bfloat16", seed: int = 0) -> None:
+    """Write random weights in a named shape as a Hugging Face folder out_dir."""
+    args = shape(shape_name)
+    write_random_hf_checkpoint(out_dir, args, getattr(torch, dtype), seed)
+    print(f"{out_dir}: {shape_name}, {parameter_count(args) / 1e9:.3f} B parameters, random {dtype}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -10,8 +10,10 @@ For each shape and mode: weight bytes, computed exactly from the tensors the qua
 --max_batch_size x --max_seq_len in 16 bits and in int8 (`--kv_cache int8`: a byte per key and value
 element plus a 16-bit scale per position and head), and, for a sliding-window model, what a 16-bit
 cache of the window alone would hold; the 16-bit total; and the most tokens (batch x context) whose
-cache, 16-bit or int8, fits --budget_gb beside the weights. The KV bytes per token of either cache
-are also measured, from the tensors of a cache allocated for a few positions.
+cache, 16-bit or int8, fits --budget_gb beside the weights; the host memory a load from a 16-bit
+checkpoint peaks at (beyond the imports), to a GPU and to the CPU (computed_host_peak_bytes). The KV
+bytes per token of either cache are also measured, from the tensors of a cache allocated for a few
+positions.
 
 Measured, with random weights built layer by layer through the real loader and quantization hook:
 - on a GPU: peak allocated and reserved memory after load, during a prefill of --prefill_tokens and,
@@ -46,7 +48,8 @@ from llama_int8.formats import NamedTensor
 from llama_int8.loader import fill_model
 from llama_int8.memory import weight_bytes
 from llama_int8.model import KV_CACHES, ModelArgs, empty_model, kv_cache_bytes
-from llama_int8.quantize import QuantConfig, parse_quant_mode, quantized_weight_bytes
+from llama_int8.quantize import (CHUNK_ELEMENTS, QuantConfig, parse_quant_mode, quantized_layer_names,
+                                 quantized_weight_bytes)
 from llama_int8.quantized_layers import make_linear_hook
 
 GiB = 1024**3
@@ -55,6 +58,7 @@ MiB = 1024**2
 MODELS: dict[str, ModelArgs] = {
     **{name: SHAPES[name] for name in ("SmolLM2-135M", "TinyLlama-1.1B", "7B", "13B", "70B", "Llama-3-8B")},
     "Mistral-7B": replace(SHAPES["Mistral-7B"], sliding_window=4096),
+    "Mixtral-8x7B": SHAPES["Mixtral-8x7B"],
 }
 DEFAULT_MODES = ("none", "int8", "nf4", "nf4-dq", "fp4")
 # What the CPU measures by default: building TinyLlama in a 4-bit mode takes ~1 min on one core
@@ -62,24 +66,36 @@ DEFAULT_MODES = ("none", "int8", "nf4", "nf4-dq", "fp4")
 CPU_MODELS = ("SmolLM2-135M", "TinyLlama-1.1B")
 CPU_MODES = ("none", "int8", "nf4")
 WEIGHT_DTYPE = torch.bfloat16  # what the unquantized parts, the cache (or its scales) and activations are held in
+# What quantizing one weight holds beyond its source: a chunk of CHUNK_ELEMENTS at about 10 bytes each
+# (quantize.py), and the quantized result, counted in the weights.
+QUANTIZE_TRANSIENT_BYTES = 10 * CHUNK_ELEMENTS
 
 
 # --- Computed -------------------------------------------------------------------------------------
 
 def computed_weight_bytes(args: ModelArgs, cfg: QuantConfig) -> int:
-    """Bytes of the model's weights: quantized block linears (and head, if asked) + 16-bit rest."""
+    """Bytes of the model's weights: quantized block linears (and head, if asked) + 16-bit rest (a
+    mixture of experts' routers included)."""
     model = empty_model(args)  # meta: shapes only
+    quantized = set(quantized_layer_names(args.n_layers, cfg.quantize_head, args.n_experts)) if cfg.enabled else set()
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            is_head = name == "output"
-            if is_head and args.tie_word_embeddings:
+            if name == "output" and args.tie_word_embeddings:
                 continue  # shares the embedding's storage
-            if cfg.enabled and (not is_head or cfg.quantize_head):
+            if name in quantized:
                 total += quantized_weight_bytes(module.out_features, module.in_features, cfg)
                 continue
         total += sum(p.numel() * WEIGHT_DTYPE.itemsize for p in module.parameters(recurse=False))
     return total
+
+
+def computed_host_peak_bytes(args: ModelArgs, cfg: QuantConfig, weights: int, to_gpu: bool) -> int:
+    """Host memory a load from a 16-bit checkpoint peaks at, beyond the imports: the loader holds one
+    source tensor at a time (the largest, in WEIGHT_DTYPE) and the quantizer a chunk of it
+    (QUANTIZE_TRANSIENT_BYTES); a load to the CPU holds the weights loaded so far besides."""
+    largest = max(p.numel() for p in empty_model(args).parameters()) * WEIGHT_DTYPE.itemsize
+    return largest + (QUANTIZE_TRANSIENT_BYTES if cfg.enabled else 0) + (0 if to_gpu else weights)
 
 
 def kv_bytes_per_token(args: ModelArgs, batch: int, kv_cache: str = "model") -> int:
@@ -108,6 +124,8 @@ def computed_row(name: str, args: ModelArgs, mode: str, max_seq_len: int, batch:
     return {"model": name, "quant": cfg.name, "weights GiB": weights / GiB, "KV MiB": kv / MiB,
             "int8 KV MiB": int8_per_token * max_seq_len / MiB,
             "KV window MiB": None if window_kv is None else window_kv / MiB, "total GiB": (weights + kv) / GiB,
+            "host peak GiB, load to GPU": computed_host_peak_bytes(args, cfg, weights, to_gpu=True) / GiB,
+            "host peak GiB, load to CPU": computed_host_peak_bytes(args, cfg, weights, to_gpu=False) / GiB,
             room: longest_context(budget, weights, per_token, args.sliding_window),
             f"{room}, int8 KV": longest_context(budget, weights, int8_per_token, args.sliding_window),
             "weight bytes": weights, "kv bytes": kv}

@@ -92,7 +92,8 @@ def expected_weight_bytes(model: Transformer, cfg: QuantConfig, dtype: torch.dty
     """Bytes the weights of a meta-device model will take once loaded: quantized layers as cfg
     stores them, every other parameter in dtype (a tied head counted once, as the quantized head or
     as the embedding)."""
-    quantized = set(quantized_layer_names(model.args.n_layers, cfg.quantize_head)) if cfg.enabled else set()
+    args = model.args
+    quantized = set(quantized_layer_names(args.n_layers, cfg.quantize_head, args.n_experts)) if cfg.enabled else set()
     shared = "tok_embeddings.weight" if "output" in quantized else "output.weight"  # a tied head's other name
     total = 0
     for name, p in model.named_parameters():
@@ -112,14 +113,30 @@ def load_weights(model: Transformer, checkpoint: Checkpoint, cfg: QuantConfig, d
 
     The linear layers of the blocks (and the head, if cfg says so) are quantized on the host as cfg
     says; a checkpoint whose layers are stored quantized has them built as they are, in its own
-    mode (cfg, which must be that mode, lends its int8 threshold).
+    mode (cfg, which must be that mode, lends its int8 threshold), and only the experts it holds in
+    16 bits are quantized (see expert_quantizing_hook).
     """
     if checkpoint.quant is not None:
         load_quantized_layers(model, checkpoint, cfg, device, dtype)
-        fill_model(model, checkpoint.tensors(), device, dtype)
+        fill_model(model, checkpoint.tensors(), device, dtype, linear_hook=expert_quantizing_hook(cfg, device, dtype))
     else:
         fill_model(model, checkpoint.tensors(), device, dtype, linear_hook=make_linear_hook(cfg, device, dtype),
                    total=count_expected_tensors(checkpoint.args))
+
+
+def expert_quantizing_hook(cfg: QuantConfig, device: torch.device, dtype: torch.dtype) -> LinearHook | None:
+    """For a checkpoint stored quantized: a hook that quantizes, in its mode, the Mixtral expert weights
+    it holds in 16 bits, and leaves its other 16-bit layers as saved. transformers' bitsandbytes Mixtral
+    folders hold their experts so (it quantizes nn.Linear modules only, and its experts are not), and
+    they are nearly all of the model's weights."""
+    hook = make_linear_hook(cfg, device, dtype)
+    if hook is None:
+        return None
+
+    def quantize_experts(name: str, module: nn.Module, weight: torch.Tensor) -> nn.Module | None:
+        return hook(name, module, weight) if ".feed_forward.experts." in name else None
+
+    return quantize_experts
 
 
 def load_quantized_layers(model: Transformer, checkpoint: Checkpoint, cfg: QuantConfig, device: torch.device,
@@ -134,13 +151,16 @@ def load_quantized_layers(model: Transformer, checkpoint: Checkpoint, cfg: Quant
         if layer.name == "output" and model.args.tie_word_embeddings:
             tie_quantized_head(model, quantized, dtype)
         else:
+            keep_bias(linear, quantized)
             set_submodule(model, layer.name, quantized)
         del layer
         return_freed_host_memory()
 
 
 def is_block_linear(name: str) -> bool:
-    return name.startswith("layers.") and (".attention.w" in name or ".feed_forward.w" in name)
+    """Whether name is the weight of a block's linear layer (not its bias, which stays 16-bit)."""
+    return (name.startswith("layers.") and name.endswith(".weight")
+            and (".attention.w" in name or ".feed_forward.w" in name or ".feed_forward.experts." in name))
 
 
 def tie_quantized_head(model: Transformer, head: nn.Module, dtype: torch.dtype) -> None:
@@ -181,6 +201,7 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
         if replacement is not None and item.name == "tok_embeddings.weight":
             tie_quantized_head(model, replacement, dtype)
         elif replacement is not None:
+            keep_bias(module, replacement)
             set_submodule(model, module_path, replacement)
         else:
             value = item.tensor.to(device=device, dtype=dtype)
@@ -190,6 +211,14 @@ def fill_model(model: Transformer, tensors: Iterable[NamedTensor], device: torch
         return_freed_host_memory()
     if model.args.tie_word_embeddings and not isinstance(model.tok_embeddings, QuantizedEmbedding):
         model.output.weight = model.tok_embeddings.weight
+
+
+def keep_bias(linear: nn.Module, replacement: nn.Module) -> None:
+    """Give the quantized layer that replaces linear linear's bias, which stays 16-bit: as loaded when
+    the checkpoint gave it before the weight, else still on the meta device, where fill_model finds
+    it by name and fills it."""
+    if linear.bias is not None:
+        replacement.bias = linear.bias
 
 
 def never_generate(model: Transformer, ids: list[int]) -> None:
@@ -228,7 +257,8 @@ def release_page_cache(paths: Iterable[Path]) -> None:
 
 
 def count_expected_tensors(args: ModelArgs) -> int:
-    per_layer = 9  # wq wk wv wo w1 w2 w3 + two norms
+    feed_forward = 1 + 3 * args.n_experts if args.n_experts else 3  # the router and each expert's w1 w2 w3
+    per_layer = 6 + feed_forward + 3 * args.qkv_bias + 2 * args.qk_norm  # wq wk wv wo + two norms; biases; q/k norms
     return args.n_layers * per_layer + 2 + (0 if args.tie_word_embeddings else 1)
 
 

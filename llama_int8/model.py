@@ -49,6 +49,10 @@ class ModelArgs:
     sliding_window: int | None = None
     max_position_embeddings: int | None = None
     rope_layout: str = "interleaved"  # one of ROPE_LAYOUTS
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # each head's q and k RMS-normalized over head_dim before the rotation (Qwen3)
+    n_experts: int = 0  # feed-forward experts per block (Mixtral); 0: one dense feed-forward
+    experts_per_token: int = 0  # experts each token is routed to, when n_experts > 0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -61,6 +65,8 @@ class ModelArgs:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.rope_layout not in ROPE_LAYOUTS:
             raise ValueError(f"rope_layout={self.rope_layout!r} is not one of {ROPE_LAYOUTS}")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            raise ValueError(f"experts_per_token={self.experts_per_token} must be from 1 to n_experts={self.n_experts}")
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -606,17 +612,20 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.sliding_window
         self.backend = backend
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # One weight of head_dim each, shared by all heads of q (of k); in the checkpoint's q/k row layout.
+        self.q_norm = RMSNorm(args.head_dim, eps=args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, eps=args.norm_eps) if args.qk_norm else None
         self.rotate = ROTARY[args.rope_layout]  # chosen once: the checkpoint's q/k row layout
         self.cache: KVCache | RollingKVCache | Int8KVCache | None = None
         self.wqkv: torch.Tensor | None = None  # wq, wk, wv's rows as one weight: see fuse_projections
 
     def fuse_projections(self) -> None:
-        """Compute q, k and v with one matmul where wq, wk and wv are plain Linear layers (quantized
-        int8 ones share their product by other means: quantized_layers.SharedInputGroup)."""
+        """Compute q, k and v with one matmul where wq, wk and wv are plain Linear layers without
+        biases (quantized int8 ones share their product by other means: quantized_layers.SharedInputGroup)."""
         self.wqkv = fuse_weights((self.wq, self.wk, self.wv))
 
     def forward(self, x: torch.Tensor, place: int | RowPlaces | DecodeRows, rotation: torch.Tensor) -> torch.Tensor:
@@ -625,11 +634,16 @@ class Attention(nn.Module):
         h, kv_h, d = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None and not torch.is_grad_enabled():  # the views' gradients would not reach wq...
             qkv = linear(x, self.wqkv).view(b, s, h + 2 * kv_h, d)
-            qk = self.rotate(qkv[:, :, :h + kv_h], rotation)  # q's and k's heads in one rotation
+            qk = qkv[:, :, :h + kv_h]
+            if self.q_norm is not None:
+                qk = torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)  # [b, s, h + kv_h, d]
+            qk = self.rotate(qk, rotation)  # q's and k's heads in one rotation
             q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv_h:]
         else:
-            q = self.rotate(self.wq(x).view(b, s, h, d), rotation)
-            k = self.rotate(self.wk(x).view(b, s, kv_h, d), rotation)
+            q, k = self.wq(x).view(b, s, h, d), self.wk(x).view(b, s, kv_h, d)
+            if self.q_norm is not None:  # before the rotation, as Qwen3 normalizes them
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotate(q, rotation), self.rotate(k, rotation)
             v = self.wv(x).view(b, s, kv_h, d)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv_h, s, d]
         if isinstance(place, int):
@@ -670,11 +684,76 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class MoEFeedForward(nn.Module):
+    """Mixtral's sparse feed-forward: a router (`gate`) scores n_experts SwiGLU experts for each token,
+    the token runs through its experts_per_token best, and their outputs are summed weighted by the
+    router's softmax renormalised over the chosen ones. Parameter names are Mistral's
+    (`feed_forward.gate`, `feed_forward.experts.N.w1/w2/w3`).
+
+    Tokens are grouped per expert, so each expert runs once per call over all the tokens that chose
+    it, whatever rows of the batch they come from. The quantizer swaps the experts' linears like a
+    dense block's and leaves the router as it is: its weight is a sliver of the block (8 x 4096 of
+    Mixtral's 176 M), and rounding it would move top-k choices, which change a token's output by a
+    whole expert rather than by a rounding.
+
+    How many tokens an expert gets depends on the other rows of the batch, and the CPU's matrix
+    kernels round one row differently from several (gemv against gemm; see engine.py): where the
+    model must be batch-invariant (Transformer.batch_invariant, which sets pair_lone_tokens), an
+    expert chosen by one token of several runs it as a pair, as the engine runs a lone row.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, experts_per_token: int):
+        super().__init__()
+        self.gate = Linear(dim, n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(n_experts))
+        self.experts_per_token = experts_per_token
+        self.pair_lone_tokens = True
+
+    def fuse_projections(self) -> None:
+        """Each expert's gate and up projections as one matmul (see FeedForward.fuse_projections)."""
+        for expert in self.experts:
+            expert.fuse_projections()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])  # [n, dim]
+        weights, chosen = route(self.gate(tokens), self.experts_per_token)  # [n, k] float32, [n, k]
+        out = torch.zeros_like(tokens)
+        # Experts in ascending order, as transformers adds them up: each token's sum has one order,
+        # whatever other tokens run beside it.
+        pair = self.pair_lone_tokens and len(tokens) > 1
+        for expert, rows, places in tokens_per_expert(chosen, len(self.experts)):
+            if pair and len(rows) == 1:
+                y = self.experts[expert](tokens[rows.repeat(2)])[:1]  # [1, dim]: the first of the pair
+            else:
+                y = self.experts[expert](tokens[rows])  # [m, dim]
+            out.index_add_(0, rows, (y * weights[rows, places, None]).to(out.dtype))  # weights in float32
+        return out.view(x.shape)
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's routing of router logits [n, n_experts]: the softmax in float32, the k most probable
+    experts of each token [n, k], and their probabilities renormalised to sum to 1 [n, k] (float32)."""
+    top, chosen = logits.float().softmax(dim=-1).topk(k, dim=-1)
+    return top / top.sum(dim=-1, keepdim=True), chosen
+
+
+def tokens_per_expert(chosen: torch.Tensor, n_experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """For each expert at least one token chose, in ascending order: (the expert, the tokens that
+    chose it [m] in ascending order, where it stands among each one's choices [m]); chosen [n, k].
+    One read of the counts to the host per call, instead of one per expert."""
+    k = chosen.shape[1]
+    flat = chosen.flatten()  # [n * k]: token t's choices at t*k .. t*k + k - 1
+    picks = flat.argsort(stable=True)  # grouped by expert; within one, tokens ascending
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    return [(expert, group // k, group % k) for expert, group in enumerate(picks.split(counts)) if len(group)]
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, backend: str):
         super().__init__()
         self.attention = Attention(args, backend)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = (MoEFeedForward(args.dim, args.ffn_hidden_dim, args.n_experts, args.experts_per_token)
+                             if args.n_experts else FeedForward(args.dim, args.ffn_hidden_dim))
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -731,6 +810,9 @@ class Transformer(nn.Module):
             layer.attention.cache = Int8KVCache(layout, *sizes) if kv_cache == "int8" else layout(*sizes)
         self.register_buffer("rope", rope_tables(a, max_seq_len, device), persistent=False)
         self.batch_invariant = all(isinstance(m, Linear) for m in self.modules() if isinstance(m, nn.Linear))
+        for m in self.modules():
+            if isinstance(m, MoEFeedForward):
+                m.pair_lone_tokens = self.batch_invariant
 
     @property
     def device(self) -> torch.device:

@@ -250,12 +250,21 @@ def quantize_4bit(weight: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Ten
     return {"weight": packed, **{f"weight.{key}": value for key, value in state.as_dict(packed=True).items()}}
 
 
-def quantized_layer_names(n_layers: int, quantize_head: bool) -> list[str]:
-    """Module paths of the layers a QuantConfig quantizes, in checkpoint order."""
+def quantized_layer_names(n_layers: int, quantize_head: bool, n_experts: int = 0) -> list[str]:
+    """Module paths of the layers a QuantConfig quantizes, in checkpoint order: every linear of the
+    blocks (with n_experts, each expert's; the router stays 16-bit), and the head if asked."""
     names = [f"layers.{i}.{part}" for i in range(n_layers)
              for part in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                          "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")]
+                          *feed_forward_linear_names(n_experts))]
     return names + (["output"] if quantize_head else [])
+
+
+def feed_forward_linear_names(n_experts: int) -> list[str]:
+    """The quantized linears of a block's feed-forward: its own w1, w2, w3, or each expert's."""
+    parts = ("w1", "w2", "w3")
+    if not n_experts:
+        return [f"feed_forward.{w}" for w in parts]
+    return [f"feed_forward.experts.{e}.{w}" for e in range(n_experts) for w in parts]
 
 
 # --- Describing quantized tensors ---------------------------------------------------------------

@@ -33,7 +33,8 @@ LinearHook = Callable[[str, nn.Linear, torch.Tensor], nn.Module | None]
 
 def quantized_linear(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, cfg: QuantConfig,
                      device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """A bitsandbytes linear layer (no bias) on device from quantize_weight's tensors, in eval mode.
+    """A bitsandbytes linear layer on device from quantize_weight's tensors, in eval mode; without a
+    bias (the loader gives it one where the checkpoint has it).
 
     Only the quantized tensors are copied to the device. dtype is the dtype of the activations.
     """
@@ -146,8 +147,10 @@ class DeviceBoundLinear4bit(StaysOnItsDevice, bnb.nn.Linear4bit):
 # --- Eval-mode forwards on the CPU in fewer kernels ----------------------------------------------
 # At batch 1 bitsandbytes' CPU forwards spend more time in Python and in a dozen small ops than in
 # the matmul itself (LLM.int8(): 320 us for a 576 -> 1536 layer, of which _int_mm is 20 us). These
-# compute the same numbers, bit for bit, with fewer kernels; training mode, gradients and biases
-# take bitsandbytes' own forward.
+# compute the same numbers, bit for bit, with fewer kernels; training mode and gradients take
+# bitsandbytes' own forward. A bias (Qwen2's q/k/v) is added to the output in the activations' dtype:
+# bitsandbytes adds it before its last rounding, so a biased layer's numbers may differ from its own
+# by that rounding (none with float32 activations unless outlier columns are added).
 
 # As in bitsandbytes' CPU backend: torch._int_mm is fast with AVX-512 (VNNI), a scalar loop without.
 INT_MM_IS_FAST_ON_CPU = torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -164,10 +167,15 @@ INT8_WEIGHT_SCALE = 7.874015718698502e-3
 
 
 def takes_fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a CPU forward below may serve layer(x): an eval-mode call without gradients or bias,
-    on an input and a weight that are both on the CPU (their kernels read host memory)."""
-    return (not layer.training and not x.requires_grad and layer.bias is None
+    """Whether a CPU forward below may serve layer(x): an eval-mode call without gradients, on an input
+    and a weight that are both on the CPU (their kernels read host memory)."""
+    return (not layer.training and not x.requires_grad
             and x.device.type == "cpu" and layer.weight.device.type == "cpu")
+
+
+def with_bias(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """out plus layer's bias, when it has one (never in place: out may be a view of a shared product)."""
+    return out if layer.bias is None else out + layer.bias
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,7 @@ def int8_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         scb = weight.SCB if weight.SCB is not None else layer.state.SCB  # [out] float32
         out = int8_product(a, weight.data, scb, threshold)
-    return out.view(*x.shape[:-1], layer.out_features)
+    return with_bias(layer, out).view(*x.shape[:-1], layer.out_features)
 
 
 def gemv_4bit_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -309,7 +317,7 @@ def gemv_4bit_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kernel(ct.c_int64(a.shape[0]), ct.c_int64(n), ct.c_int64(k), bnbf.get_ptr(a), bnbf.get_ptr(layer.weight.data),
            bnbf.get_ptr(state.absmax), bnbf.get_ptr(out), ct.c_int64(state.blocksize), ct.c_int64(a.stride(0)),
            ct.c_int64(out.stride(0)))
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+    return with_bias(layer, out.to(x.dtype)).view(*x.shape[:-1], n)
 
 
 def quantize_linear_on_host(weight: torch.Tensor, cfg: QuantConfig, device: torch.device | str,
@@ -361,8 +369,9 @@ class QuantizedEmbedding(nn.Module):
         return rows.mul_(self.scales[ids].mul(INT8_WEIGHT_SCALE).unsqueeze(-1)).to(self.dtype)
 
 
-# Layers of a block that the model calls on the same input tensor, one after another.
-SHARED_INPUT_GROUPS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
+# Layers of a block that the model calls on the same input tensor, one after another, by the kind of
+# module holding them (a Mixtral expert, `feed_forward.experts.N`, is of kind "experts").
+SHARED_INPUT_GROUPS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3"), "experts": ("w1", "w3")}
 
 
 def share_input(name: str, layer: nn.Module, groups: dict[str, SharedInputGroup]) -> None:
@@ -380,7 +389,8 @@ def shared_input_group(name: str) -> tuple[str, int] | None:
     """For a block linear weight `layers.N.<part>.<w>.weight` that shares its input with others, the
     group's key (`layers.N.<part>`) and its number of layers; else None."""
     path, _, leaf = name.removesuffix(".weight").rpartition(".")
-    members = SHARED_INPUT_GROUPS.get(path.rpartition(".")[2])
+    kind = next((part for part in reversed(path.split(".")) if not part.isdigit()), "")
+    members = SHARED_INPUT_GROUPS.get(kind)
     if not path.startswith("layers.") or members is None or leaf not in members:
         return None
     return path, len(members)

@@ -139,26 +139,38 @@ HF_LAYER_NAMES = {
     "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
     "mlp.up_proj": "feed_forward.w3",
     "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",
+    "block_sparse_moe.gate": "feed_forward.gate",  # Mixtral's router
 }
 HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
                 "lm_head.weight": "output.weight"}
-HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
-META_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+# A block's tensor: (layer index, module, weight or bias).
+HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+META_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
 def to_meta_name(key: str, top_names: dict[str, str], layer_key: re.Pattern, layer_names: dict[str, str]
                  ) -> str | None:
     """Meta's name for a tensor of another naming scheme (None for a name it does not know):
-    top_names maps whole names; layer_key matches a block tensor as (layer index, part)."""
+    top_names maps whole names; layer_key matches a block tensor as (layer index, module, weight or bias)."""
     if key in top_names:
         return top_names[key]
     m = layer_key.fullmatch(key)
     if m and m.group(2) in layer_names:
-        return f"layers.{m.group(1)}.{layer_names[m.group(2)]}.weight"
+        return f"layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
     return None
 
 
+# Mixtral's experts, numbered within their block: (layer index, expert index, w1 | w2 | w3), named
+# as Mistral names them (w1/w3/w2: gate/up/down) on both sides.
+HF_EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+META_EXPERT_KEY = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
+
+
 def hf_to_meta_name(key: str) -> str | None:
+    expert = HF_EXPERT_KEY.fullmatch(key)
+    if expert:
+        return "layers.{}.feed_forward.experts.{}.{}.weight".format(*expert.groups())
     return to_meta_name(key, HF_TOP_NAMES, HF_LAYER_KEY, HF_LAYER_NAMES)
 
 
@@ -168,10 +180,13 @@ def meta_to_hf_name(name: str) -> str:
     layer = {meta: hf for hf, meta in HF_LAYER_NAMES.items()}
     if name in top:
         return top[name]
+    expert = META_EXPERT_KEY.fullmatch(name)
+    if expert:
+        return "model.layers.{}.block_sparse_moe.experts.{}.{}.weight".format(*expert.groups())
     m = META_LAYER_KEY.fullmatch(name)
     if m is None or m.group(2) not in layer:
         raise KeyError(f"{name!r} is not a parameter name of a LLaMA model")
-    return f"model.layers.{m.group(1)}.{layer[m.group(2)]}.weight"
+    return f"model.layers.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"
 
 
 # --- Rotary layout ---------------------------------------------------------------------------------
@@ -190,6 +205,30 @@ def permute_rotary_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.T
     rows, cols = w.shape
     # [heads, head_dim/2, 2, cols] -> [heads, 2 halves, head_dim/2, cols]
     return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def rotary_heads(name: str, args: ModelArgs) -> int | None:
+    """How many heads of rotated dimensions a parameter lays out along its first axis: the q and k
+    projections' (weight rows and biases), one for the per-head q/k norms; None for the others."""
+    return {"wq": args.n_heads, "wk": args.n_kv_heads, "q_norm": 1, "k_norm": 1}.get(name.split(".")[-2])
+
+
+def to_interleaved_layout(name: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """A parameter from Hugging Face's half-split rotary layout to Meta's interleaved one (a bias or a
+    norm weight moves as rows of one column); a parameter rotary_heads does not name, or one of
+    another size, as it is (the loader's shape check refuses the latter by name)."""
+    heads = rotary_heads(name, args)
+    if heads is None or t.dim() == 0 or t.shape[0] != heads * args.head_dim:
+        return t
+    return unpermute_rotary_rows(t.reshape(t.shape[0], -1), heads, args.head_dim).reshape(t.shape)
+
+
+def to_half_split_layout(name: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """The inverse of to_interleaved_layout."""
+    heads = rotary_heads(name, args)
+    if heads is None or t.dim() == 0 or t.shape[0] != heads * args.head_dim:
+        return t
+    return permute_rotary_rows(t.reshape(t.shape[0], -1), heads, args.head_dim).reshape(t.shape)
 
 
 # --- Safe reads ------------------------------------------------------------------------------------

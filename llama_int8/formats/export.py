@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from ..model import ModelArgs, parameter_shapes
 from ..quantize import NonFiniteWeightError
 from ..tokenizer import Tokenizer, find_tokenizer_file
-from .common import Checkpoint, CheckpointError, NamedTensor, checked_tensors, meta_to_hf_name, permute_rotary_rows
+from .common import Checkpoint, CheckpointError, NamedTensor, checked_tensors, meta_to_hf_name, to_half_split_layout
 from .writing import new_folder
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Makes a quantized layer's tensors (suffix -> tensor) from its [out, in] weight.
 LayerQuantizer = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 # The block linears a quantized export quantizes (the head stays 16-bit: transformers and vLLM expect it).
+# Mixtral's experts and routers stay 16-bit too, as transformers writes them: it quantizes nn.Linear
+# modules only, and holds a block's experts as 3-D parameters (llama_int8 quantizes them at load).
 QUANTIZED_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
 
 
@@ -102,14 +104,34 @@ def quantized_layer(quantize: LayerQuantizer, tensor: torch.Tensor, item: NamedT
 HF_SHARD_LIMIT = 5 * 10**9  # the largest shard Hugging Face's tools write by default (5 GB)
 
 
+HF_ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                         "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM"}  # by model_type
+
+
+def hf_model_type(args: ModelArgs) -> str:
+    """The Hugging Face model_type whose blocks compute what args' do: Mixtral for experts, Qwen3 for
+    per-head q/k norms, Qwen2 for q/k/v biases, Mistral for a sliding window without either, else LLaMA."""
+    if args.qk_norm and args.qkv_bias:
+        raise CheckpointError("a model with both q/k/v biases and q/k norms has no Hugging Face architecture "
+                              "to be written as")
+    if args.n_experts:
+        if args.qk_norm or args.qkv_bias:
+            raise CheckpointError("a mixture of experts with q/k/v biases or q/k norms has no Hugging Face "
+                                  "architecture to be written as (Mixtral has neither)")
+        return "mixtral"
+    if args.qk_norm or args.qkv_bias:
+        return "qwen3" if args.qk_norm else "qwen2"
+    return "mistral" if args.sliding_window is not None else "llama"
+
+
 def hf_config(args: ModelArgs, dtype: torch.dtype, token_ids: dict, quantization_config: dict | None = None) -> dict:
-    """config.json for args (the inverse of hf_model_args): a LlamaForCausalLM, or a MistralForCausalLM
-    when it has a sliding window. rope_theta and rope_scaling are spelled at the top level, which
-    transformers 4 and 5, vLLM and text-generation-inference all read."""
-    mistral = args.sliding_window is not None
+    """config.json for args (the inverse of hf_model_args): see hf_model_type. rope_theta and
+    rope_scaling are spelled at the top level, which transformers 4 and 5, vLLM and
+    text-generation-inference all read."""
+    model_type = hf_model_type(args)
     config = {
-        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
-        "model_type": "mistral" if mistral else "llama",
+        "architectures": [HF_ARCHITECTURE_NAMES[model_type]],
+        "model_type": model_type,
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
@@ -119,20 +141,16 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, token_ids: dict, quantization
     }
     if args.max_position_embeddings is not None:
         config["max_position_embeddings"] = args.max_position_embeddings
-    if mistral:
+    if model_type in ("mistral", "mixtral"):
         config["sliding_window"] = args.sliding_window
+    if model_type == "mixtral":
+        config.update(num_local_experts=args.n_experts, num_experts_per_tok=args.experts_per_token)
+    elif model_type in ("qwen2", "qwen3"):  # a window, when there is one, in every layer: from layer 0 on
+        config.update(use_sliding_window=args.sliding_window is not None, sliding_window=args.sliding_window,
+                      max_window_layers=0)
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
     return config
-
-
-def to_hf_layout(name: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """q/k rows from Meta's interleaved rotary layout to Hugging Face's half-split one (other tensors as they are)."""
-    if name.endswith("attention.wq.weight"):
-        return permute_rotary_rows(t, args.n_heads, args.head_dim)
-    if name.endswith("attention.wk.weight"):
-        return permute_rotary_rows(t, args.n_kv_heads, args.head_dim)
-    return t
 
 
 def hf_ordered_tensors(checkpoint: Checkpoint) -> Iterator[NamedTensor]:
@@ -141,7 +159,7 @@ def hf_ordered_tensors(checkpoint: Checkpoint) -> Iterator[NamedTensor]:
     args = checkpoint.args
     tied = frozenset({"output.weight"}) if args.tie_word_embeddings else frozenset()
     for item in checked_tensors(checkpoint.tensors(), parameter_shapes(args), ignored=tied):
-        yield NamedTensor(item.name, to_hf_layout(item.name, item.tensor, args), item.source)
+        yield NamedTensor(item.name, to_half_split_layout(item.name, item.tensor, args), item.source)
         del item
 
 

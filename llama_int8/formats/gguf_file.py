@@ -2,8 +2,12 @@
 
 A GGUF is read with the `gguf` package: its metadata becomes a ModelArgs, its tensors are
 dequantized one at a time to float32 under Meta's names, and its vocabulary becomes a `tokenizers`
-tokenizer. llama.cpp's converter undoes Hugging Face's q/k row permutation, so GGUF q/k rows are
-already in Meta's interleaved rotary layout and are used as they are.
+tokenizer. llama.cpp's converter undoes Hugging Face's q/k row permutation for `llama` files, so
+their q/k rows are already in Meta's interleaved rotary layout and are used as they are; `qwen2` and
+`qwen3` files keep Hugging Face's half-split rows (llama.cpp's NEOX rotary), converted here as a
+Hugging Face folder's are. A Mixtral is a `llama` file with `expert_count`: its routers are
+`ffn_gate_inp`, and each block's experts are stacked in one tensor per weight (`ffn_gate_exps`, ...),
+dequantized one expert at a time.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ import torch
 
 from ..model import ModelArgs, rope_inverse_frequencies
 from ..tokenizer import END_OF_TURN_TOKENS, FastTokenizer, Tokenizer, TokenizerError
-from .common import Checkpoint, CheckpointError, NamedTensor, to_meta_name
+from .common import Checkpoint, CheckpointError, NamedTensor, to_interleaved_layout, to_meta_name
 from .model_config import model_args_from
 
 log = logging.getLogger(__name__)
@@ -31,13 +35,31 @@ GGUF_TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.wei
 GGUF_LAYER_NAMES = {  # w1/w3/w2 are gate/up/down
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
     "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+    "ffn_gate_inp": "feed_forward.gate",  # Mixtral's router
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm", "attn_q_norm": "attention.q_norm",
+    "attn_k_norm": "attention.k_norm",
 }
-GGUF_LAYER_KEY = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+GGUF_LAYER_KEY = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Mixtral's experts, as llama.cpp stacks them: one tensor [experts, out, in] per weight and block.
+GGUF_EXPERTS_KEY = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
+GGUF_EXPERT_WEIGHTS = {"gate": "w1", "up": "w3", "down": "w2"}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's rope scaling, stored as per-frequency divisors
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6
+
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """What a general.architecture adds to LLaMA's blocks, and how its file lays out q/k rows."""
+
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    half_split_rotary: bool = False  # q/k rows as Hugging Face has them (llama.cpp's NEOX rotary)
+
+
+GGUF_ARCHITECTURES = {"llama": GGUFArchitecture(), "qwen2": GGUFArchitecture(qkv_bias=True, half_split_rotary=True),
+                      "qwen3": GGUFArchitecture(qk_norm=True, half_split_rotary=True)}
 
 
 class GGUFCheckpoint(Checkpoint):
@@ -54,9 +76,13 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(f"{path}: cannot read this GGUF file ({type(e).__name__}: {e})") from e
         self.location = path
         self.args = gguf_model_args(self.reader, path)
+        self.architecture = GGUF_ARCHITECTURES[metadata(self.reader, "general.architecture")]
 
     def tensors(self) -> Iterator[NamedTensor]:
-        return read_gguf_tensors(self.reader, self.location)
+        tensors = read_gguf_tensors(self.reader, self.location)
+        if not self.architecture.half_split_rotary:
+            return tensors
+        return (NamedTensor(t.name, to_interleaved_layout(t.name, t.tensor, self.args), t.source) for t in tensors)
 
     def tokenizer(self, tokenizer_path: str | Path | None = None) -> Tokenizer:
         """The given tokenizer, else the one rebuilt from the file's own vocabulary."""
@@ -71,21 +97,21 @@ def metadata(reader, key: str, default: Any = None) -> Any:
 
 
 def gguf_model_args(reader, path: Path) -> ModelArgs:
-    """ModelArgs from the file's `llama.*` metadata; the head is tied when there is no output.weight."""
+    """ModelArgs from the file's `<architecture>.*` metadata (llama, qwen2, qwen3); the head is tied
+    when there is no output.weight. llama.cpp keeps no sliding window for these architectures."""
     arch = metadata(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
+    if arch not in GGUF_ARCHITECTURES:
+        raise CheckpointError(f"{path}: general.architecture is {arch!r}; supported GGUF architectures: "
+                              f"{', '.join(GGUF_ARCHITECTURES)}")
 
     def get(key: str, default: Any = None, required: bool = False) -> Any:
-        value = metadata(reader, f"llama.{key}", default)
+        value = metadata(reader, f"{arch}.{key}", default)
         if required and value is None:
-            raise CheckpointError(f"{path}: missing required metadata key 'llama.{key}'")
+            raise CheckpointError(f"{path}: missing required metadata key '{arch}.{key}'")
         if isinstance(value, list):
-            raise CheckpointError(f"{path}: 'llama.{key}' varies per layer ({value[:4]}...), which is not supported")
+            raise CheckpointError(f"{path}: '{arch}.{key}' varies per layer ({value[:4]}...), which is not supported")
         return value
 
-    if get("expert_count", 0):
-        raise CheckpointError(f"{path}: a mixture-of-experts model (llama.expert_count), which is not supported")
     tensors = {t.name: t for t in reader.tensors}
     n_heads = get("attention.head_count", required=True)
     dim = get("embedding_length", required=True)
@@ -94,42 +120,48 @@ def gguf_model_args(reader, path: Path) -> ModelArgs:
         raise CheckpointError(f"{path}: rotary embedding on {get('rope.dimension_count')} of {head_dim} "
                               "head dimensions (partial rotary) is not supported")
     head_dim_key = "attention.key_length" if get("attention.key_length") is not None else "rope.dimension_count"
+    architecture = GGUF_ARCHITECTURES[arch]
     args = model_args_from(path, {
-        "dim": ("llama.embedding_length", dim), "n_layers": ("llama.block_count", get("block_count", required=True)),
-        "n_heads": ("llama.attention.head_count", n_heads),
-        "n_kv_heads": ("llama.attention.head_count_kv", get("attention.head_count_kv")),
-        "vocab_size": gguf_vocab_size(reader, tensors, path), "head_dim": (f"llama.{head_dim_key}", head_dim),
-        "hidden_dim": ("llama.feed_forward_length", get("feed_forward_length")),
-        "norm_eps": ("llama.attention.layer_norm_rms_epsilon", get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": ("llama.rope.freq_base", get("rope.freq_base", 10000.0)),
-        "rope_scaling": ("llama.rope.scaling", gguf_rope_scaling(get("rope.scaling.type"), get("rope.scaling.factor"),
-                                                                 path)),
+        "dim": (f"{arch}.embedding_length", dim),
+        "n_layers": (f"{arch}.block_count", get("block_count", required=True)),
+        "n_heads": (f"{arch}.attention.head_count", n_heads),
+        "n_kv_heads": (f"{arch}.attention.head_count_kv", get("attention.head_count_kv")),
+        "vocab_size": gguf_vocab_size(reader, arch, tensors, path), "head_dim": (f"{arch}.{head_dim_key}", head_dim),
+        "hidden_dim": (f"{arch}.feed_forward_length", get("feed_forward_length")),
+        "norm_eps": (f"{arch}.attention.layer_norm_rms_epsilon", get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": (f"{arch}.rope.freq_base", get("rope.freq_base", 10000.0)),
+        "rope_scaling": (f"{arch}.rope.scaling", gguf_rope_scaling(arch, get("rope.scaling.type"),
+                                                                   get("rope.scaling.factor"), path)),
         "tie_word_embeddings": ("output.weight", "output.weight" not in tensors),
-        "max_position_embeddings": ("llama.context_length", get("context_length")),
+        "max_position_embeddings": (f"{arch}.context_length", get("context_length")),
+        "qkv_bias": ("general.architecture", architecture.qkv_bias),
+        "qk_norm": ("general.architecture", architecture.qk_norm),
+        "n_experts": (f"{arch}.expert_count", get("expert_count")),  # Mixtral: llama with experts
+        "experts_per_token": (f"{arch}.expert_used_count", get("expert_used_count")),
     })
     if ROPE_FREQS in tensors:
         args = with_llama3_rope(args, torch.from_numpy(np.array(tensors[ROPE_FREQS].data, dtype=np.float32)), path)
     return args
 
 
-def gguf_vocab_size(reader, tensors: dict, path: Path) -> tuple[str, Any]:
-    """The vocabulary size and where it comes from: llama.vocab_size, the token list or the embedding."""
-    size = metadata(reader, "llama.vocab_size")
+def gguf_vocab_size(reader, arch: str, tensors: dict, path: Path) -> tuple[str, Any]:
+    """The vocabulary size and where it comes from: <arch>.vocab_size, the token list or the embedding."""
+    size = metadata(reader, f"{arch}.vocab_size")
     if size is not None:
-        return "llama.vocab_size", size
+        return f"{arch}.vocab_size", size
     if "tokenizer.ggml.tokens" in reader.fields:
         return "len(tokenizer.ggml.tokens)", len(reader.fields["tokenizer.ggml.tokens"].data)
     if "token_embd.weight" in tensors:
         return "token_embd.weight's columns", int(tensors["token_embd.weight"].shape[1])  # ggml order: [dim, vocab]
-    raise CheckpointError(f"{path}: no llama.vocab_size, token list or token_embd.weight to size the vocabulary")
+    raise CheckpointError(f"{path}: no {arch}.vocab_size, token list or token_embd.weight to size the vocabulary")
 
 
-def gguf_rope_scaling(kind: str | None, factor: float | None, path: Path) -> dict:
+def gguf_rope_scaling(arch: str, kind: str | None, factor: float | None, path: Path) -> dict:
     if kind in (None, "none"):
         return {}
     if kind == "linear" and factor:
         return {"rope_type": "linear", "factor": factor}
-    raise CheckpointError(f"{path}: llama.rope.scaling.type {kind!r} is not supported (only linear)")
+    raise CheckpointError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported (only linear)")
 
 
 def with_llama3_rope(args: ModelArgs, divisors: torch.Tensor, path: Path) -> ModelArgs:
@@ -149,25 +181,38 @@ def gguf_to_meta_name(name: str) -> str | None:
 
 
 def read_gguf_tensors(reader, path: Path) -> Iterator[NamedTensor]:
-    """Each tensor dequantized to float32, in Meta's [out, in] orientation, one at a time."""
-    from gguf.quants import dequantize
-
+    """Each tensor dequantized to float32, in Meta's [out, in] orientation, one at a time; a stack of
+    Mixtral experts one expert at a time."""
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
             continue  # folded into ModelArgs.rope_scaling
+        # ggml lists dimensions innermost first ([in, out]); numpy and torch want them outermost first.
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        experts = GGUF_EXPERTS_KEY.fullmatch(t.name)
+        if experts:
+            layer, weight = experts.group(1), GGUF_EXPERT_WEIGHTS[experts.group(2)]
+            for e in range(shape[0]):  # [experts, out, in]: a float32 copy of one expert at a time
+                yield NamedTensor(f"layers.{layer}.feed_forward.experts.{e}.{weight}.weight",
+                                  dequantized(t, t.data[e], shape[1:], path), str(path))
+            continue
         name = gguf_to_meta_name(t.name)
         if name is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (not part of a LLaMA model)")
-        try:
-            values = dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise CheckpointError(f"{path}: tensor {t.name!r} is {t.tensor_type.name}, which gguf cannot "
-                                  f"dequantize ({e})") from e
-        if not values.flags.writeable:
-            values = values.copy()  # F32 comes back as a view of the read-only memory map
-        # ggml lists dimensions innermost first ([in, out]); numpy and torch want them outermost first.
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        yield NamedTensor(name, torch.from_numpy(values.reshape(shape)), str(path))
+        yield NamedTensor(name, dequantized(t, t.data, shape, path), str(path))
+
+
+def dequantized(t, data: np.ndarray, shape: tuple[int, ...], path: Path) -> torch.Tensor:
+    """data (t's values, or one expert's of them) dequantized to a float32 tensor of shape."""
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(data, t.tensor_type)
+    except NotImplementedError as e:
+        raise CheckpointError(f"{path}: tensor {t.name!r} is {t.tensor_type.name}, which gguf cannot "
+                              f"dequantize ({e})") from e
+    if not values.flags.writeable:
+        values = values.copy()  # F32 comes back as a view of the read-only memory map
+    return torch.from_numpy(values.reshape(shape))
 
 
 # --- Tokenizer -------------------------------------------------------------------------------------
@@ -175,8 +220,11 @@ def read_gguf_tensors(reader, path: Path) -> Iterator[NamedTensor]:
 # llama.cpp's pre-tokenizer regexes (tokenizer.ggml.pre) where they differ from GPT-2's.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+# Splits that take the place of GPT-2's own (the others run before it).
+WHOLE_SPLITS = (LLAMA3_SPLIT, QWEN2_SPLIT)
 PRE_SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT,
-              "smaug-bpe": LLAMA3_SPLIT, "dbrx": LLAMA3_SPLIT,
+              "smaug-bpe": LLAMA3_SPLIT, "dbrx": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT,
               # digits one by one, then GPT-2's split
               "smollm": r"\p{N}", "starcoder": r"\p{N}", "refact": r"\p{N}"}
 GPT2_PRE = {"default", "gpt2", "gpt-2"}
@@ -232,14 +280,13 @@ def gguf_tokenizer(reader, path: Path) -> GGUFTokenizer:
 def byte_level_bpe(tokens: list[str], merges: list[str], pre: str, path: Path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    llama3 = PRE_SPLITS.get(pre) == LLAMA3_SPLIT
+    split = PRE_SPLITS.get(pre)
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
-                               ignore_merges=llama3))  # llama 3 keeps a word whole when it is a token
+                               ignore_merges=split == LLAMA3_SPLIT))  # llama 3 keeps a word whole when it is a token
     if pre not in PRE_SPLITS and pre not in GPT2_PRE:
         log.warning("%s: tokenizer.ggml.pre %r is not known here; splitting text as GPT-2 does, which may "
                     "differ from llama.cpp", path, pre)
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not llama3)
-    split = PRE_SPLITS.get(pre)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split not in WHOLE_SPLITS)
     tok.pre_tokenizer = (byte_level if split is None else
                          pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level]))
     tok.decoder = decoders.ByteLevel()

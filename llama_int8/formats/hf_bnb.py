@@ -11,7 +11,7 @@ bitsandbytes' state-dict tensors,
             with double quantization <layer>.weight.nested_absmax and .nested_quant_map, and
             <layer>.weight.quant_state.bitsandbytes__nf4 (or __fp4): its settings as JSON bytes
 
-and every other tensor (embedding, norms, head) in 16 or 32 bits.
+and every other tensor (embedding, norms, head, the biases of quantized layers) in 16 or 32 bits.
 
 The q/k rows of such a folder are in Hugging Face's rotary layout, and they stay so: permuting the
 rows of a double-quantized 4-bit layer would regroup the block scales that share one nested scale,
@@ -44,10 +44,13 @@ from .prebaked import SHARD_BYTES
 
 QUANT_METHOD = "bitsandbytes"
 # A tensor of a Hugging Face checkpoint: its module and what of the module it is.
-MODULE_TENSOR = re.compile(r"(?P<module>.+?)\.(?P<part>weight(?:\..+)?|SCB|weight_format)")
+MODULE_TENSOR = re.compile(r"(?P<module>.+?)\.(?P<part>weight(?:\..+)?|SCB|weight_format|bias)")
 ROW_MAJOR = 0  # bitsandbytes' weight_format of an int8 weight stored row by row, the only one saved
 TRANSFORMERS_BLOCKSIZE = 64  # weights per 4-bit scale when transformers quantizes (its config has no setting)
-QUANTIZED_MODULES = re.compile(rf"{QUANTIZED_LINEAR.pattern}|lm_head")  # what a folder may hold quantized
+# What a folder may hold quantized: the block linears, Mixtral's experts (transformers 5 keeps them 16-bit,
+# and the loader quantizes them then; a writer that quantizes them stores them as any linear), the head.
+QUANTIZED_MODULES = re.compile(
+    rf"{QUANTIZED_LINEAR.pattern}|model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w[123]|lm_head")
 
 
 def open_quantized_hf_folder(folder: Path) -> Checkpoint | None:
@@ -80,7 +83,7 @@ class HFBnbCheckpoint(Checkpoint):
                                       self.quantized_module_names(), self.packed_blocksize)
 
     def quantized_module_names(self) -> list[str]:
-        return [m for m, parts in self.modules.items() if set(parts) != {"weight"}]
+        return [m for m, parts in self.modules.items() if set(parts) - {"bias"} != {"weight"}]
 
     def packed_blocksize(self, module: str, kind: str) -> int:
         """The blocksize a 4-bit layer's packed quant state records (config.json does not say it)."""
@@ -109,22 +112,25 @@ class HFBnbCheckpoint(Checkpoint):
                 meta = hf_to_meta_name(f"{module}.weight")
                 parts = self.modules[module]
                 source = parts["weight"]
-                tensors = {part: read(path, f"{module}.{part}") for part, path in parts.items()}
+                tensors = {part: read(path, f"{module}.{part}") for part, path in parts.items() if part != "bias"}
                 yield QuantizedLayer(meta.removesuffix(".weight"),
                                      checked_layer_tensors(tensors, module, shapes[meta], self.quant, source),
                                      str(source))
 
     def tensors(self) -> Iterator[NamedTensor]:
+        """The 16/32-bit tensors: whole modules, and the biases of quantized ones (the loader gives
+        each its layer), as saved: in the halves layout."""
         quantized = set(self.quantized_module_names())
         with self.open_files() as read:
             for module, parts in self.modules.items():
-                if module in quantized:
-                    continue
-                key = f"{module}.weight"
-                name = hf_to_meta_name(key)
-                if name is None:
-                    raise CheckpointError(f"{parts['weight']}: unexpected tensor {key!r} (not part of a LLaMA model)")
-                yield NamedTensor(name, read(parts["weight"], key), str(parts["weight"]))  # as saved: halves layout
+                for part in ("bias",) if module in quantized else ("weight", "bias"):
+                    if part not in parts:
+                        continue
+                    key = f"{module}.{part}"
+                    name = hf_to_meta_name(key)
+                    if name is None:
+                        raise CheckpointError(f"{parts[part]}: unexpected tensor {key!r} (not part of a LLaMA model)")
+                    yield NamedTensor(name, read(parts[part], key), str(parts[part]))
 
     @contextmanager
     def open_files(self) -> Iterator[Callable[[Path, str], torch.Tensor]]:

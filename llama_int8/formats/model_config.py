@@ -28,6 +28,7 @@ MAX_HEADS = 1024
 MAX_HEAD_DIM = 4096
 MAX_VOCAB = 1 << 22
 MAX_POSITIONS = 1 << 30
+MAX_EXPERTS = 1024  # feed-forward experts per block (Mixtral has 8, the largest released MoEs a few hundred)
 ROPE_TYPES = {  # rope type -> its required fields, as transformers' rope validation has them
     "default": (),
     "linear": ("factor",),
@@ -71,6 +72,8 @@ FIELD_CHECKS: dict[str, Check] = {
     "multiple_of": integer(1, MAX_WIDTH), "ffn_dim_multiplier": number(0), "hidden_dim": integer(1, MAX_WIDTH),
     "norm_eps": number(0, 1), "rope_theta": number(0), "tie_word_embeddings": boolean,
     "sliding_window": integer(1, MAX_POSITIONS), "max_position_embeddings": integer(1, MAX_POSITIONS),
+    "qkv_bias": boolean, "qk_norm": boolean,
+    "n_experts": integer(0, MAX_EXPERTS), "experts_per_token": integer(0, MAX_EXPERTS),
 }
 REQUIRED_FIELDS = ("dim", "n_layers", "n_heads", "vocab_size")
 
@@ -90,6 +93,7 @@ def model_args_from(path: Path, settings: dict[str, Setting]) -> ModelArgs:
         elif value is not None or field in REQUIRED_FIELDS:
             values[field] = FIELD_CHECKS[field](path, key, value)
     check_heads(path, settings, values)
+    check_experts(path, settings, values)
     try:
         return ModelArgs(**values)
     except (TypeError, ValueError) as e:
@@ -117,6 +121,15 @@ def check_heads(path: Path, settings: dict[str, Setting], values: dict[str, Any]
     if n_kv_heads is not None and n_heads % n_kv_heads:
         raise CheckpointError(f"{path}: {key('n_heads')}={n_heads} is not a multiple of "
                               f"{key('n_kv_heads')}={n_kv_heads}: query heads must share key/value heads evenly")
+
+
+def check_experts(path: Path, settings: dict[str, Setting], values: dict[str, Any]) -> None:
+    """A mixture of experts routes each token to at least one of its experts and at most all of them."""
+    n_experts, per_token = values.get("n_experts"), values.get("experts_per_token")  # None: not given
+    if n_experts and (per_token is None or not 1 <= per_token <= n_experts):
+        key = settings.get("experts_per_token", ("experts_per_token", None))[0]
+        raise CheckpointError(f"{path}: {key}={per_token}: expected from 1 to the {n_experts} experts of "
+                              f"{settings['n_experts'][0]}")
 
 
 def checked_rope_scaling(path: Path, key: str, value: Any) -> dict:

@@ -86,7 +86,7 @@ class Manifest:
         return sorted({e.shard for e in self.tensors.values()})
 
     def quantized_layers(self) -> list[str]:
-        return quantized_layer_names(self.args.n_layers, self.quant.quantize_head)
+        return quantized_layer_names(self.args.n_layers, self.quant.quantize_head, self.args.n_experts)
 
 
 def is_prebaked_folder(folder: Path) -> bool:
@@ -233,7 +233,9 @@ def write_quantized_shards(checkpoint: Checkpoint, cfg: QuantConfig, folder: Pat
     """Stream the checkpoint through the loader's checks, quantizing the layers cfg names; a weight
     holding NaN or infinite values is refused by name (the quantizer's scales show it, the other
     tensors are summed)."""
-    layers = {f"{path}.weight": path for path in quantized_layer_names(checkpoint.args.n_layers, cfg.quantize_head)}
+    args = checkpoint.args
+    layers = {f"{path}.weight": path
+              for path in quantized_layer_names(args.n_layers, cfg.quantize_head, args.n_experts)}
     writer = ShardWriter(folder, shard_bytes)
     tied = frozenset({"output.weight"}) if checkpoint.args.tie_word_embeddings else frozenset()
     if tied and cfg.quantize_head:  # one table: the embedding's weight is stored once, as the quantized head
@@ -373,7 +375,9 @@ def tensors_by_layer(manifest: Manifest) -> dict[str | None, list[str]]:
     groups: dict[str | None, list[str]] = {}
     for name in manifest.tensors:
         parts = name.split(".")
-        owner = next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if p in layers), None)
+        # A bias is no part of a quantized layer's state: it stays 16-bit, and the loader gives it to the layer.
+        owner = None if name.endswith(".bias") else next(
+            (p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if p in layers), None)
         groups.setdefault(owner, []).append(name)
     return groups
 

@@ -47,7 +47,7 @@ import torch
 
 from ..model import ModelArgs, parameter_shapes
 from .common import (Checkpoint, CheckpointError, NamedTensor, hf_to_meta_name, indexed_safetensors_files,
-                     open_safetensors, read_json, read_safetensors_tensor, unpermute_rotary_rows)
+                     open_safetensors, read_json, read_safetensors_tensor, to_interleaved_layout)
 from .detect import open_single_checkpoint
 from .hf import hf_model_args
 from .meta import load_meta_shard, merge_meta_shards, meta_model_args, numbered_meta_shards
@@ -65,7 +65,7 @@ STRIPPED_PREFIXES = ("base_model.model.", "module.", "_orig_mod.", "llma.", "mod
 DERIVED_SUFFIXES = ("rotary_emb.inv_freq", "rope.freqs")  # rotary tables some exports save; rebuilt here
 # The fields that decide tensor shapes and the q/k layout: every folder of a stack must agree on them.
 STRUCTURAL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "hidden_dim",
-                     "tie_word_embeddings")
+                     "tie_word_embeddings", "n_experts", "experts_per_token")
 # LoRA target module names, in Hugging Face's and Meta's terms.
 LINEAR_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
                   "wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}
@@ -303,12 +303,9 @@ def resolve_name(key: str, params: dict[str, tuple[int, ...]]) -> tuple[str, boo
 
 
 def to_meta_layout(name: str, t: torch.Tensor, hf_layout: bool, args: ModelArgs) -> torch.Tensor:
-    """Rows of a q/k weight (or of its delta) from Hugging Face's half-split rotary layout to Meta's."""
-    if hf_layout and name.endswith("attention.wq.weight"):
-        return unpermute_rotary_rows(t, args.n_heads, args.head_dim)
-    if hf_layout and name.endswith("attention.wk.weight"):
-        return unpermute_rotary_rows(t, args.n_kv_heads, args.head_dim)
-    return t
+    """Rows of a q/k weight or bias, or a q/k norm (or a delta of one), from Hugging Face's half-split
+    rotary layout to Meta's."""
+    return to_interleaved_layout(name, t, args) if hf_layout else t
 
 
 def tensor_entries(folder: Path, args: ModelArgs, params: dict[str, tuple[int, ...]], op: str
