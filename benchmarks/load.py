@@ -3,16 +3,20 @@ while reading a Meta checkpoint), ours from a pre-baked folder, and transformers
 (`from_pretrained` with a BitsAndBytesConfig) on the same weights in Hugging Face's format.
 
     python -m benchmarks.load                          # TinyLlama-1.1B shapes, random bf16 weights, int8
-    python -m benchmarks.load --quant nf4 --json
+    python -m benchmarks.load --quant int8,nf4 --json
+    python -m benchmarks.load --shape Mixtral-1B --quant int8,nf4 --engines llama_int8,prebaked
     python -m benchmarks.load --engines prebaked --verify false   # without the shard checksums
     python -m benchmarks.load --ckpt_dir 7B --hf_dir 7B-hf --work_dir /data/bench
 
-Without --ckpt_dir, random bf16 weights in TinyLlama-1.1B's shapes are written once under --work_dir as a
-Meta checkpoint cut into 2 shards, with an HF copy of the same weights. The pre-baked folder is made
-with quantize_offline's writer. Each load runs in a fresh process that has already imported its
-libraries: "load s" is the load call alone. Peak RssAnon is sampled every 2 ms over the whole process;
-"imports" is its RssAnon just before the load call. Files are read once beforehand, so every engine
-reads from the page cache.
+Without --ckpt_dir, random bf16 weights in --shape's shapes (benchmarks.synthetic; TinyLlama-1.1B by
+default) are written once under --work_dir as a Meta checkpoint cut into 2 shards, with an HF copy of
+the same weights; a mixture of experts (Mixtral), which has no Meta format here, as one HF folder
+that every engine reads (transformers quantizes nn.Linear modules only, so there a Mixtral's experts
+stay 16-bit: read its row against its "weights GiB"). Several --quant modes, comma-separated, run one
+after another. The pre-baked folder is made with quantize_offline's writer. Each load runs in a fresh
+process that has already imported its libraries: "load s" is the load call alone. Peak RssAnon is
+sampled every 2 ms over the whole process; "imports" is its RssAnon just before the load call. Files
+are read once beforehand, so every engine reads from the page cache.
 """
 
 from __future__ import annotations
@@ -66,12 +70,19 @@ def measure_here(engine: str, folder: str, quant: str, dtype: str, verify: bool 
     return {"seconds": seconds, "footprint": footprint, "rss_anon_before": before}
 
 
-def prepare_synthetic(work_dir: Path) -> tuple[Path, Path]:
-    """A 2-shard Meta checkpoint of random bf16 weights in TinyLlama-1.1B's shapes, and its HF copy."""
-    from benchmarks.synthetic import SHAPES, write_hf_checkpoint, write_meta_checkpoint, write_word_tokenizer
+def prepare_synthetic(work_dir: Path, shape_name: str) -> tuple[Path, Path, str]:
+    """Random bf16 weights in a named shape: a 2-shard Meta checkpoint and its HF copy, or for a mixture
+    of experts one HF folder for both; and a title naming them."""
+    from benchmarks.synthetic import (parameter_count, shape, write_hf_checkpoint, write_meta_checkpoint,
+                                      write_random_hf_checkpoint, write_word_tokenizer)
 
-    args = SHAPES["TinyLlama-1.1B"]
-    meta, hf = work_dir / "tinyllama-meta", work_dir / "tinyllama-hf"
+    args = shape(shape_name)
+    described = f"{shape_name} shapes ({parameter_count(args) / 1e9:.2f} B parameters), random bf16 weights"
+    meta, hf = work_dir / f"{shape_name.lower()}-meta", work_dir / f"{shape_name.lower()}-hf"
+    if args.n_experts:
+        if not (hf / "config.json").exists():  # written whole or not at all (the writer renames it into place)
+            write_random_hf_checkpoint(hf, args, dtype=torch.bfloat16)
+        return hf, hf, f"{described}, Hugging Face format"
     if not (meta / "done").exists():
         write_meta_checkpoint(meta, args, shards=2, dtype=torch.bfloat16)
         write_word_tokenizer(meta)
@@ -80,7 +91,7 @@ def prepare_synthetic(work_dir: Path) -> tuple[Path, Path]:
         write_hf_checkpoint(meta, hf, args, dtype=torch.bfloat16)
         write_word_tokenizer(hf)
         (hf / "done").touch()
-    return meta, hf
+    return meta, hf, f"{described}, Meta format in 2 shards"
 
 
 def prepare_prebaked(source: Path, work_dir: Path, quant: str) -> Path:
@@ -106,47 +117,51 @@ def read_files(folder: Path) -> None:
                     pass
 
 
-def main(ckpt_dir: str | None = None, hf_dir: str | None = None, quant: str = "int8", dtype: str = "bfloat16",
-         engines: str | tuple = ENGINES, runs: int = 1, work_dir: str = str(DEFAULT_WORK_DIR), json: bool = False,
-         engine: str | None = None, verify: bool = True) -> None:
-    """Measure each engine's load in its own process; --engine E --ckpt_dir D measures one load here.
-    --verify false loads pre-baked folders without checking their shard checksums."""
+def measure_engine(name: str, folder: Path, quant: str, dtype: str, verify: bool, runs: int) -> dict:
+    """One engine's row: its median load time and highest peak RssAnon over runs, each in a fresh process."""
+    read_files(folder)
+    results = []
+    for _ in range(runs):
+        child = run_sampled([sys.executable, "-m", "benchmarks.load", "--engine", name, "--ckpt_dir", str(folder),
+                             "--quant", quant, "--dtype", dtype, "--verify", str(verify)],
+                            cwd=Path(__file__).parent.parent)
+        results.append({**child.last_json(), "peak": child.peak_rss_anon})
+    seconds = statistics.median(r["seconds"] for r in results)
+    peak = max(r["peak"] for r in results)
+    footprint = results[0]["footprint"]
+    return {"engine": name, "quant": quant, "load s": seconds, "peak RssAnon GiB": peak / GiB,
+            "weights GiB": footprint / GiB, "peak - weights GiB": (peak - footprint) / GiB,
+            "imports GiB": results[0]["rss_anon_before"] / GiB}
+
+
+def main(ckpt_dir: str | None = None, hf_dir: str | None = None, quant: str | tuple = "int8",
+         dtype: str = "bfloat16", engines: str | tuple = ENGINES, runs: int = 1, work_dir: str = str(DEFAULT_WORK_DIR),
+         json: bool = False, engine: str | None = None, verify: bool = True, shape: str = "TinyLlama-1.1B") -> None:
+    """Measure each engine's load in its own process, for each quant mode (comma-separated); --engine E
+    --ckpt_dir D measures one load here. --verify false loads pre-baked folders without checking their
+    shard checksums; shape: benchmarks.synthetic's shape of the random weights, without --ckpt_dir."""
     if engine is not None:  # the child's side
         print(jsonlib.dumps(measure_here(engine, str(ckpt_dir), quant, dtype, verify)))
         return
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if ckpt_dir is None:
-        meta, hf = prepare_synthetic(work)
-        title = "TinyLlama-1.1B shapes, random bf16 weights, Meta format in 2 shards"
+        meta, hf, title = prepare_synthetic(work, shape)
     else:
         meta, hf = Path(ckpt_dir), Path(hf_dir) if hf_dir else None
         title = meta.name
-    folders = {"llama_int8": meta, "prebaked": None, "transformers": hf}
     chosen = engines.split(",") if isinstance(engines, str) else list(engines)
-    if "prebaked" in chosen:
-        folders["prebaked"] = prepare_prebaked(meta, work, quant)
+    quants = quant.split(",") if isinstance(quant, str) else list(quant)  # fire: "a,b" -> tuple
     rows = []
-    for name in chosen:
-        folder = folders.get(name)
-        if folder is None:
-            continue
-        read_files(folder)
-        results = []
-        for _ in range(runs):
-            child = run_sampled([sys.executable, "-m", "benchmarks.load", "--engine", name, "--ckpt_dir", str(folder),
-                                 "--quant", quant, "--dtype", dtype, "--verify", str(verify)],
-                                cwd=Path(__file__).parent.parent)
-            results.append({**child.last_json(), "peak": child.peak_rss_anon})
-        seconds = statistics.median(r["seconds"] for r in results)
-        peak = max(r["peak"] for r in results)
-        footprint = results[0]["footprint"]
-        rows.append({"engine": name, "quant": quant, "load s": seconds, "peak RssAnon GiB": peak / GiB,
-                     "weights GiB": footprint / GiB, "peak - weights GiB": (peak - footprint) / GiB,
-                     "imports GiB": results[0]["rss_anon_before"] / GiB})
-    base = next((r["load s"] for r in rows if r["engine"] == "transformers"), None)
-    for r in rows:
-        r["x transformers time"] = None if base is None else r["load s"] / base
+    for mode in quants:
+        folders = {"llama_int8": meta, "transformers": hf,
+                   "prebaked": prepare_prebaked(meta, work, mode) if "prebaked" in chosen else None}
+        mode_rows = [measure_engine(name, folder, mode, dtype, verify, runs)
+                     for name in chosen if (folder := folders.get(name)) is not None]
+        base = next((r["load s"] for r in mode_rows if r["engine"] == "transformers"), None)
+        for r in mode_rows:
+            r["x transformers time"] = None if base is None else r["load s"] / base
+        rows += mode_rows
     report(f"Load to the CPU: {title}, {dtype}", rows, json, {"runs": runs, "verify": verify})
 
 

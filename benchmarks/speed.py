@@ -19,7 +19,8 @@ synchronized around each run. With --compare the two engines' runs alternate, so
 with other work slows both alike and the ratio stays meaningful when the absolute figures do not.
 
 Achieved bandwidth is the weight bytes a decode step reads (every block linear, the norms and the
-output head; the embedding is a row lookup) times steps per second, set against one large copy.
+output head; the embedding is a row lookup; of a mixture of experts, the experts its tokens are
+expected to pick) times steps per second, set against one large copy.
 Ops per token are the operators torch's profiler sees called from Python in one decode step of ours
 (nested calls not counted): at batch 1 on small models a step costs about its number of kernels.
 """
@@ -43,7 +44,7 @@ from llama_int8 import Llama
 from llama_int8.formats import CheckpointError
 from llama_int8.demo import demo_gguf_path
 from llama_int8.logs import setup_logging
-from llama_int8.memory import weight_bytes
+from llama_int8.memory import tensor_bytes, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,21 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 29) -> float:
     return 2 * nbytes / seconds / 1e9
 
 
-def decode_read_bytes(llm: Llama) -> int:
-    """Bytes of weights one decode step reads: all of them but an embedding table of its own (a row
-    lookup); a table the head shares is read whole by the head."""
+def decode_read_bytes(llm: Llama, batch: int = 1) -> int:
+    """Bytes of weights one decode step of batch sequences reads: all of them but an embedding table of
+    its own (a row lookup); a table the head shares is read whole by the head. Of a mixture of experts'
+    experts, the share a step is expected to read when each of batch tokens picks experts_per_token (k)
+    of n_experts (n) at random: 1 - (1 - k/n)^batch, k/n for one sequence."""
     model = llm.model
     embedding = getattr(model.tok_embeddings, "weight", None)  # None: the quantized head's table
     own_table = embedding is not None and getattr(model.output, "weight", None) is not embedding
-    return weight_bytes(model) - (embedding.numel() * embedding.element_size() if own_table else 0)
+    total = weight_bytes(model) - (embedding.numel() * embedding.element_size() if own_table else 0)
+    args = model.args
+    if not args.n_experts:
+        return total
+    experts = sum(tensor_bytes(layer.feed_forward.experts) for layer in model.layers)
+    unread_share = (1 - args.experts_per_token / args.n_experts) ** batch
+    return total - round(experts * unread_share)
 
 
 def prompt_batch(vocab_size: int, batch: int, length: int) -> list[list[int]]:
@@ -180,7 +189,7 @@ def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tu
     llama_cpp, gguf_path = (load_llama_cpp(source, quant, llama_cpp_python, max_seq_len)
                             if compare == "llama.cpp" else (None, None))
     bandwidth = copy_bandwidth_gbps(dev)
-    read_bytes = decode_read_bytes(llm)
+    read_bytes = {b: decode_read_bytes(llm, b) for b in {1, *sizes}}  # by batch size; they differ for experts
     ops = ops_per_token(llm, prompt_batch(llm.model.args.vocab_size, 1, prompt_tokens)[0])
     rows = []
     for b in tqdm(sizes, desc="Batch sizes", unit="batch"):
@@ -194,7 +203,7 @@ def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tu
         figures = measure(engines, dev, b, prompt_tokens, new_tokens, runs)
         ours = figures["llama_int8"]
         for name, fig in figures.items():
-            achieved = read_bytes * fig["steps/s"] / 1e9
+            achieved = read_bytes[b] * fig["steps/s"] / 1e9
             theirs = name != "llama_int8"
             rows.append({"engine": name, "quant": quant, "KV cache": cache_of.get(name), "batch": b,
                          "prefill tok/s": fig["prefill tok/s"],
@@ -210,7 +219,8 @@ def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tu
     gc.collect()
     report(f"Speed: {source.name}, {quant}, {str(model_dtype).removeprefix('torch.')}, {prompt_tokens}-token "
            f"prompt, {new_tokens} greedy tokens, {torch.get_num_threads()} CPU thread(s), median of {runs} runs",
-           rows, json, {"copy_bandwidth_gbps": bandwidth, "decode_read_bytes": read_bytes, "ops_per_token": ops,
+           rows, json, {"copy_bandwidth_gbps": bandwidth, "decode_read_bytes": read_bytes[1],
+                        "decode_read_bytes_by_batch": {b: read_bytes[b] for b in sizes}, "ops_per_token": ops,
                         "llama_cpp_gguf": None if gguf_path is None else str(gguf_path)})
 
 

@@ -50,9 +50,12 @@ SHAPES: dict[str, ModelArgs] = {
 
 
 def shape(name: str, **overrides) -> ModelArgs:
-    """A copy of a named shape, with fields overridden (e.g. n_layers=2 for a quick run)."""
+    """A copy of a named shape, with fields overridden (e.g. n_layers=2 for a quick run); head_dim is
+    derived again from an overridden dim or n_heads unless given."""
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    if {"dim", "n_heads"} & overrides.keys():
+        overrides.setdefault("head_dim", None)  # the copy would keep the shape's own, set at its construction
     return replace(SHAPES[name], **overrides)
 
 
