@@ -396,9 +396,10 @@ class Engine:
         copied from another row, running or free), where that is longer than what it holds already,
         leaving at least its last prompt token to compute: its logits start the answer."""
         best, source = seq.cached, seq.row
+        prompt = seq.tokens[:seq.n_prompt - 1]
         for row in range(len(self.slots)):
             held = self.held_tokens(row)
-            shared = shared_prefix(held, seq.tokens[:seq.n_prompt - 1])
+            shared = shared_prefix(held, prompt)
             # All a row holds (the next turn of a chat, which a ring can resume only there), or whole blocks.
             n = shared if shared == len(held) and shared >= REUSE_BLOCK else shared // REUSE_BLOCK * REUSE_BLOCK
             if n > best and self.model.holds_prefix(len(held), n):

@@ -187,10 +187,12 @@ class Serving:
         grammar cannot be enforced exactly."""
         try:
             asked = body.grammar
+        except ValueError as e:
+            raise ApiError(400, str(e), param="structured_outputs") from e
+        try:
             calls = tool_use and tool_use.grammar()
         except ValueError as e:
-            raise ApiError(400, str(e), param="tool_choice" if str(e).startswith("tool_choice") else
-                           "structured_outputs") from e
+            raise ApiError(400, str(e), param="tool_choice") from e
         if asked is not None and calls is not None:
             raise ApiError(400, "tool_choice: a required tool call leaves no room for a response_format or "
                                 "structured_outputs as well", param="tool_choice")
