@@ -24,13 +24,14 @@ from .demo import DEMO_REPETITION_PENALTY, demo_gguf_path
 from .flags import add_switch, device_name, existing_path, int_value, non_negative_float, non_negative_int, \
     path_stack, positive_float, positive_int, probability
 
-# What --quant, --dtype, --attention and --kv_cache accept. The quantizer, generation.resolve_dtype and
+# What --quant, --dtype, --attention, --kv_cache and --int8_matmul accept. The quantizer, generation.resolve_dtype and
 # the model check the same names (tests keep them equal); they are repeated here because importing those
 # modules means importing torch and bitsandbytes, seconds before a typo could be reported.
 QUANT_MODES = ("int8", "nf4", "nf4-dq", "fp4", "fp4-dq", "none")
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 ATTENTION_BACKENDS = ("flash", "sdpa", "math")
 KV_CACHES = ("model", "int8")
+INT8_MATMULS = ("llm.int8", "weight_only")
 
 
 def quant_mode(text: str) -> str:
@@ -57,6 +58,10 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser, ckpt_required: bool = 
     group.add_argument("--int8_threshold", type=non_negative_float, metavar="X",
                        help="LLM.int8()'s outlier threshold, 0 turns the 16-bit outlier path off "
                             "(default: 6.0, or a pre-baked folder's own)")
+    group.add_argument("--int8_matmul", choices=INT8_MATMULS, default="llm.int8", metavar="KIND",
+                       help="llm.int8: LLM.int8() as bitsandbytes computes it; weight_only: steps of up to 4 rows on "
+                            "the CPU multiply bfloat16 activations by the int8 weights (faster, closer to the stored "
+                            "weights, not bitsandbytes' numbers) (default: %(default)s)")
     group.add_argument("--blocksize", type=positive_int, metavar="N",
                        help="4-bit weights per scale: 32, 64, ... 4096 (default: 64; 32 for nf4-dq and fp4-dq)")
     add_switch(group, "--quantize_head", "quantize the output head too, int8, a tied one as one table with the "
@@ -114,7 +119,8 @@ def build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         ckpt_dir = str(demo_gguf_path())
         logging.getLogger("llama_int8").info("No --ckpt_dir given: using the demo model %s", ckpt_dir)
     return dict(ckpt_dir=ckpt_dir, tokenizer_path=args.tokenizer_path, delta=args.delta, quant=args.quant,
-                int8_threshold=args.int8_threshold, blocksize=args.blocksize, quantize_head=args.quantize_head,
+                int8_threshold=args.int8_threshold, int8_matmul=args.int8_matmul, blocksize=args.blocksize,
+                quantize_head=args.quantize_head,
                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device,
                 dtype=args.dtype, attention=args.attention, sliding_window=args.sliding_window,
                 prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache, verify=not args.no_verify)

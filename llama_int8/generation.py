@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -21,6 +22,7 @@ from .model import Transformer, empty_model
 from .params import (check_dialogs, check_integer, check_max_gen_len, check_one_dialog, check_prompt_tokens,
                      check_prompts, check_sampling_args, check_text, check_token_ids, effective_temperature)
 from .quantize import QuantConfig, parse_quant_mode
+from .quantized_layers import INT8_MATMULS, fused_product
 from .sampling import next_tokens
 from .tokenizer import Tokenizer, check_tokenizer_fits, ids_beyond_tokenizer
 
@@ -40,7 +42,8 @@ class Llama:
     def build(ckpt_dir: str | Path | list[str | Path], tokenizer_path: str | Path | None = None,
               max_seq_len: int = 512, max_batch_size: int = 1, quant: str = "int8",
               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-              attention: str | None = None, int8_threshold: float | None = None, blocksize: int | None = None,
+              attention: str | None = None, int8_threshold: float | None = None, int8_matmul: str = "llm.int8",
+              blocksize: int | None = None,
               quantize_head: bool | None = None, delta: str | Path | list[str | Path] | None = None,
               sliding_window: int | None = None, prefill_chunk: int | None = None, kv_cache: str = "model",
               verify: bool = True) -> Llama:
@@ -56,6 +59,8 @@ class Llama:
         as one table the embedding reads its rows from; None (the default) does so in the quantized
         modes, False keeps the head and embedding 16-bit as the checkpoint has them. A pre-baked folder (quantize_offline.py) loads in the mode
         it was baked in. int8_threshold: LLM.int8()'s outlier threshold (default 6.0, or the baked one);
+        int8_matmul: "llm.int8" computes int8 layers as bitsandbytes does; "weight_only" has CPU steps of
+        up to a few rows multiply bfloat16 activations by the same int8 weights (quantized_layers.Int8Product).
         blocksize: 4-bit weights per scale (default 64, 32 for the -dq modes).
         max_seq_len x max_batch_size sizes the KV cache, allocated once here. attention picks the
         backend ("flash", "sdpa", "math"); None takes flash-attn where it is installed and usable.
@@ -73,6 +78,8 @@ class Llama:
         """
         start = time.perf_counter()
         cfg = parse_quant_mode(quant, 6.0 if int8_threshold is None else int8_threshold, blocksize, quantize_head)
+        if int8_matmul not in INT8_MATMULS:
+            raise ValueError(f"int8_matmul: {int8_matmul!r} is not one of {', '.join(INT8_MATMULS)}")
         check_integer("max_batch_size", max_batch_size, 1)
         check_integer("max_seq_len", max_seq_len, 2)
         if sliding_window is not None:
@@ -91,7 +98,7 @@ class Llama:
         source, sources = f"{checkpoint.format} checkpoint {checkpoint.location}", checkpoint.paths()
         del checkpoint  # closes its memory maps, so that the kernel may drop the pages they held
         release_page_cache(sources)
-        model.fuse_projections()
+        model.fuse_projections(partial(fused_product, int8_matmul=int8_matmul))
         model.setup_caches(max_batch_size, max_seq_len, dtype, device, prefill_chunk, kv_cache)
         model.eval()
         never_generate(model, ids_beyond_tokenizer(tokenizer, args.vocab_size))

@@ -20,7 +20,7 @@ from .formats.common import check_finite, checked_tensors
 from .memory import GiB, MiB, return_freed_host_memory
 from .model import ModelArgs, Transformer, kv_cache_bytes
 from .quantize import NonFiniteWeightError, QuantConfig, quantized_layer_names, quantized_weight_bytes
-from .quantized_layers import LinearHook, QuantizedEmbedding, make_linear_hook, quantized_linear, share_input
+from .quantized_layers import LinearHook, QuantizedEmbedding, make_linear_hook, quantized_linear
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +142,10 @@ def expert_quantizing_hook(cfg: QuantConfig, device: torch.device, dtype: torch.
 def load_quantized_layers(model: Transformer, checkpoint: Checkpoint, cfg: QuantConfig, device: torch.device,
                           dtype: torch.dtype) -> None:
     """Give each layer the checkpoint stores quantized its saved tensors, on device (see quantized_linear)."""
-    groups = {}  # see quantized_layers.share_input
     for layer in tqdm(checkpoint.quantized_layers(), desc="Loading quantized layers", unit="layer", leave=False):
         linear = model.get_submodule(layer.name)
         quantized = quantized_linear(layer.tensors, linear.in_features, linear.out_features,
                                      cfg.layer_config(layer.name), device, dtype)
-        share_input(layer.name, quantized, groups)
         if layer.name == "output" and model.args.tie_word_embeddings:
             tie_quantized_head(model, quantized, dtype)
         else:

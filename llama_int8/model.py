@@ -113,26 +113,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def fuse_weights(layers: Sequence[nn.Module]) -> torch.Tensor | None:
-    """One [sum of outs, in] weight holding the rows of plain Linear layers that read the same input,
-    each layer's weight becoming a view of its rows (no byte held twice), so that one matmul serves
-    them all; None, touching nothing, when any of them is another kind of layer (quantized) or has a
-    bias, or their weights differ in device or dtype.
+class LinearProduct:
+    """Plain Linear layers that read the same input as one matmul: one [sum of outs, in] weight
+    holding their rows, each layer's weight a view of its rows (no byte held twice); inputs
+    [rows, in] -> [rows, sum of outs]. The views share the fused weight's memory: changes made in
+    place reach both, but a layer given a new weight afterwards is no longer seen here."""
 
-    The views share the fused weight's memory: changes made in place reach both, but a layer given a
-    new weight afterwards would no longer be seen by the fused product."""
-    if not all(type(layer) is Linear and layer.bias is None for layer in layers):
+    def __init__(self, layers: Sequence[Linear]):
+        if len(layers) == 1:
+            self.weight = layers[0].weight.detach()
+        else:
+            self.weight = torch.cat([layer.weight.detach() for layer in layers])
+            start = 0
+            for layer in layers:
+                rows = layer.weight.shape[0]
+                layer.weight = nn.Parameter(self.weight[start:start + rows], requires_grad=layer.weight.requires_grad)
+                start += rows
+        biases = [layer.bias for layer in layers]
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        return linear(a, self.weight, self.bias)
+
+
+Product = Callable[[torch.Tensor], torch.Tensor]  # inputs [rows, in] -> outputs [rows, out], no gradients
+Fuse = Callable[[Sequence[nn.Module]], Product | None]  # layers sharing an input -> their product, or None
+
+
+def fuse_linear(layers: Sequence[nn.Module]) -> LinearProduct | None:
+    """The LinearProduct of plain Linear layers on one device and dtype, all with a bias or none;
+    None, touching nothing, for any other kind of layer (quantized ones have their own products)."""
+    if not all(type(layer) is Linear for layer in layers) or len({layer.bias is None for layer in layers}) != 1:
         return None
     weights = [layer.weight for layer in layers]
-    if len({(w.device, w.dtype) for w in weights}) != 1 or weights[0].device.type == "meta":
+    if len({(w.device, w.dtype, w.shape[1]) for w in weights}) != 1 or weights[0].device.type == "meta":
         return None
-    fused = torch.cat([w.detach() for w in weights])
-    start = 0
-    for layer in layers:
-        rows = layer.weight.shape[0]
-        layer.weight = nn.Parameter(fused[start:start + rows], requires_grad=layer.weight.requires_grad)
-        start += rows
-    return fused
+    return LinearProduct(layers)
 
 
 def rope_inverse_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -165,21 +181,29 @@ def rope_tables(args: ModelArgs, seq_len: int, device: torch.device | str) -> to
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [b, s, h, d] by rotation [s, d/2], or [b, s, d/2] for rows at
-    different positions (complex, from rope_tables).
+    """Rotate interleaved pairs of x [b, s, h, d] by rotation [s, 1, d/2], or [b, s, 1, d/2] for rows
+    at different positions (complex, from rope_tables, broadcast over the heads).
 
     Each pair (x0, x1) is the complex number x0 + i x1 multiplied by cos + i sin: one kernel on
     views of x, where separate real products and a stack cost several kernels and copies.
     """
+    if x.dtype == torch.float32 and not torch.is_grad_enabled():
+        return rotate_in_place(x.clone(), rotation)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [b, s, h, d/2] complex
-    rotated = pairs * rotation.unsqueeze(-2)  # [(b,) s, 1, d/2] broadcast over heads
-    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # [b, s, h, d]
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)  # [b, s, h, d]
+
+
+def rotate_in_place(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """apply_rotary on x [b, s, h, d] float32 itself (a view of a product the caller owns, whose last
+    axis is contiguous): the same products, written where they are read, without a copy."""
+    torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rotation)
+    return x
 
 
 def apply_rotary_halves(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """apply_rotary for Hugging Face's layout: dimension i of a head pairs with i + d/2."""
     first, second = x.float().chunk(2, dim=-1)  # [b, s, h, d/2] each
-    rotated = torch.complex(first, second) * rotation.unsqueeze(-2)  # [(b,) s, 1, d/2] broadcast over heads
+    rotated = torch.complex(first, second) * rotation  # [(b,) s, 1, d/2] broadcast over heads
     return torch.cat((rotated.real, rotated.imag), dim=-1).to(x.dtype)  # [b, s, h, d]
 
 
@@ -621,30 +645,24 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, eps=args.norm_eps) if args.qk_norm else None
         self.rotate = ROTARY[args.rope_layout]  # chosen once: the checkpoint's q/k row layout
         self.cache: KVCache | RollingKVCache | Int8KVCache | None = None
-        self.wqkv: torch.Tensor | None = None  # wq, wk, wv's rows as one weight: see fuse_projections
+        # Products of wq/wk/wv together and of wo (see fuse_projections); None: the layers are called.
+        self.qkv_product: Product | None = None
+        self.out_product: Product | None = None
 
-    def fuse_projections(self) -> None:
-        """Compute q, k and v with one matmul where wq, wk and wv are plain Linear layers without
-        biases (quantized int8 ones share their product by other means: quantized_layers.SharedInputGroup)."""
-        self.wqkv = fuse_weights((self.wq, self.wk, self.wv))
+    def fuse_projections(self, fuse: Fuse) -> None:
+        """Take the products fuse makes of wq, wk and wv together and of wo, where it can."""
+        self.qkv_product = fuse((self.wq, self.wk, self.wv))
+        self.out_product = fuse((self.wo,))
 
     def forward(self, x: torch.Tensor, place: int | RowPlaces | DecodeRows, rotation: torch.Tensor) -> torch.Tensor:
-        """x [b, s, dim] at one start position for rows 0..b-1 of the cache, or each row at its own place."""
+        """x [b, s, dim] at one start position for rows 0..b-1 of the cache, or each row at its own
+        place; rotation [(b,) s, 1, d/2] (see apply_rotary)."""
         b, s, _ = x.shape
-        h, kv_h, d = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.wqkv is not None and not torch.is_grad_enabled():  # the views' gradients would not reach wq...
-            qkv = linear(x, self.wqkv).view(b, s, h + 2 * kv_h, d)
-            qk = qkv[:, :, :h + kv_h]
-            if self.q_norm is not None:
-                qk = torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)  # [b, s, h + kv_h, d]
-            qk = self.rotate(qk, rotation)  # q's and k's heads in one rotation
-            q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv_h:]
+        inference = not torch.is_grad_enabled()  # the products' outputs carry no gradients to the layers
+        if self.qkv_product is not None and inference:
+            q, k, v = self.fused_qkv(x, rotation)
         else:
-            q, k = self.wq(x).view(b, s, h, d), self.wk(x).view(b, s, kv_h, d)
-            if self.q_norm is not None:  # before the rotation, as Qwen3 normalizes them
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotate(q, rotation), self.rotate(k, rotation)
-            v = self.wv(x).view(b, s, kv_h, d)
+            q, k, v = self.separate_qkv(x, rotation)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv_h, s, d]
         if isinstance(place, int):
             keys, values = self.cache.update(k, v, place)  # [b, kv_h, t, d]
@@ -660,7 +678,32 @@ class Attention(nn.Module):
                            self.window, self.backend)
                     for i, (row, start) in enumerate(zip(place.cache_rows, place.starts))]
             out = rows[0] if b == 1 else torch.cat(rows)  # [b, s, h, d]
+        if self.out_product is not None and inference:
+            return self.out_product(out.reshape(b * s, -1)).view(b, s, -1)
         return self.wo(out.reshape(b, s, -1))
+
+    def fused_qkv(self, x: torch.Tensor, rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [b, s, h, d], k and v [b, s, kv_h, d] from one product, q and k rotated: views of it."""
+        b, s, _ = x.shape
+        h, kv_h, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv_product(x.reshape(b * s, -1)).view(b, s, h + 2 * kv_h, d)
+        qk = qkv[:, :, :h + kv_h]
+        if self.q_norm is not None:  # before the rotation, as Qwen3 normalizes them
+            qk = torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)  # [b, s, h + kv_h, d]
+        if self.rotate is apply_rotary and qk.dtype == torch.float32:
+            rotate_in_place(qk, rotation)  # q's and k's heads in one rotation, inside the product
+        else:
+            qk = self.rotate(qk, rotation)
+        return qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv_h:]
+
+    def separate_qkv(self, x: torch.Tensor, rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fused_qkv through the layers themselves, one call each."""
+        b, s, _ = x.shape
+        h, kv_h, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k = self.wq(x).view(b, s, h, d), self.wk(x).view(b, s, kv_h, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.rotate(q, rotation), self.rotate(k, rotation), self.wv(x).view(b, s, kv_h, d)
 
 
 class FeedForward(nn.Module):
@@ -671,16 +714,19 @@ class FeedForward(nn.Module):
         self.w1 = Linear(dim, hidden_dim, bias=False)
         self.w2 = Linear(hidden_dim, dim, bias=False)
         self.w3 = Linear(dim, hidden_dim, bias=False)
-        self.w13: torch.Tensor | None = None  # w1's and w3's rows as one weight: see fuse_projections
+        # Products of w1/w3 together and of w2 (see fuse_projections); None: the layers are called.
+        self.gate_up_product: Product | None = None
+        self.down_product: Product | None = None
 
-    def fuse_projections(self) -> None:
-        """Compute the gate and up projections with one matmul where w1 and w3 are plain Linear layers."""
-        self.w13 = fuse_weights((self.w1, self.w3))
+    def fuse_projections(self, fuse: Fuse) -> None:
+        """Take the products fuse makes of w1 and w3 together and of w2, where it can."""
+        self.gate_up_product = fuse((self.w1, self.w3))
+        self.down_product = fuse((self.w2,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None and not torch.is_grad_enabled():
-            gate, up = linear(x, self.w13).chunk(2, dim=-1)
-            return self.w2(F.silu(gate).mul_(up))
+        if self.gate_up_product is not None and self.down_product is not None and not torch.is_grad_enabled():
+            gate, up = self.gate_up_product(x.reshape(-1, x.shape[-1])).chunk(2, dim=-1)
+            return self.down_product(F.silu(gate).mul_(up)).view(x.shape)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -709,10 +755,10 @@ class MoEFeedForward(nn.Module):
         self.experts_per_token = experts_per_token
         self.pair_lone_tokens = True
 
-    def fuse_projections(self) -> None:
-        """Each expert's gate and up projections as one matmul (see FeedForward.fuse_projections)."""
+    def fuse_projections(self, fuse: Fuse) -> None:
+        """Each expert's products (see FeedForward.fuse_projections)."""
         for expert in self.experts:
-            expert.fuse_projections()
+            expert.fuse_projections(fuse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])  # [n, dim]
@@ -778,6 +824,7 @@ class Transformer(nn.Module):
         # Whether a row's numbers must not depend on the rows beside it; set by setup_caches.
         self.batch_invariant = True
         self.kv_cache = "model"  # one of KV_CACHES; set by setup_caches
+        self.head_product: Product | None = None  # see fuse_projections
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
                      device: torch.device | str, prefill_chunk: int | None = None, kv_cache: str = "model") -> None:
@@ -833,12 +880,16 @@ class Transformer(nn.Module):
             if isinstance(m, (KVCache, RollingKVCache)):
                 m.copy_prefix(source, row, n)
 
-    def fuse_projections(self) -> None:
-        """One matmul for each block's q/k/v and one for its gate/up projections, wherever the layers
-        allow it (see Attention.fuse_projections); call once the weights are loaded."""
+    def fuse_projections(self, fuse: Fuse = fuse_linear) -> None:
+        """Give each block, and the head, the products fuse makes (fuse_linear for plain Linear layers;
+        quantized_layers.fused_product for the quantized ones too): one call for each block's q/k/v,
+        one for its gate/up projections, one for each other layer, wherever the layers allow it;
+        inference then calls them instead of the layers. Call once the weights are loaded; a fuse
+        that returns None for everything takes them away."""
         for layer in self.layers:
-            layer.attention.fuse_projections()
-            layer.feed_forward.fuse_projections()
+            layer.attention.fuse_projections(fuse)
+            layer.feed_forward.fuse_projections(fuse)
+        self.head_product = fuse((self.output,))
 
     def cache_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for layer in self.layers for b in layer.attention.cache.buffers())
@@ -863,8 +914,12 @@ class Transformer(nn.Module):
                 hidden = [h[:, -1:]]
             else:
                 hidden.append(h)
-        h = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=1)
-        return self.output(self.norm(h)).float()
+        h = self.norm(hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=1))
+        if self.head_product is not None and not torch.is_grad_enabled():
+            logits = self.head_product(h.view(-1, h.shape[-1])).view(*h.shape[:-1], -1)
+        else:
+            logits = self.output(h)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def place_rows(self, b: int, s: int, start_pos: int | torch.Tensor,
                    cache_rows: Sequence[int] | None) -> int | RowPlaces | DecodeRows:
@@ -896,13 +951,14 @@ class Transformer(nn.Module):
         """Hidden states [b, s, dim] after the last block, for tokens [b, s] at place onwards."""
         s = tokens.shape[1]
         h = self.tok_embeddings(tokens)
+        # Each position's rotation with an axis for the heads it broadcasts over (see apply_rotary).
         if isinstance(place, int):
-            rotation = self.rope[place:place + s]  # [s, d/2]
+            rotation = self.rope[place:place + s, None]  # [s, 1, d/2]
         elif isinstance(place, DecodeRows):
-            rotation = self.rope[place.positions, None]  # [b, 1, d/2]
+            rotation = self.rope[place.positions, None, None]  # [b, 1, 1, d/2]
         else:
             starts = torch.tensor(place.starts, device=tokens.device)
-            rotation = self.rope[starts[:, None] + torch.arange(s, device=tokens.device)]  # [b, s, d/2]
+            rotation = self.rope[starts[:, None] + torch.arange(s, device=tokens.device), None]  # [b, s, 1, d/2]
         for layer in self.layers:
             h = layer(h, place, rotation)
         return h

@@ -11,11 +11,14 @@ device.
 from __future__ import annotations
 
 import ctypes as ct
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .model import Linear, fuse_linear
 
 # quantize first: it quiets bitsandbytes' import-time messages before bitsandbytes is imported.
 from .quantize import QuantConfig, quantize_weight  # isort: skip
@@ -190,12 +193,12 @@ class Int8Activation:
 def quantize_activation(a: torch.Tensor, threshold: float) -> Int8Activation:
     """bitsandbytes' int8_vectorwise_quant of a [rows, in] (cast to float16 first, as it does)."""
     a16 = a.to(torch.float16)
-    magnitudes = a16.abs()
-    row_stats = magnitudes.amax(1, keepdim=True).float()  # [rows, 1]
+    # max |x| per row in one kernel: the float16 magnitudes are exact in float32.
+    row_stats = torch.linalg.vector_norm(a16, math.inf, dim=1, keepdim=True, dtype=torch.float32)  # [rows, 1]
     cols = None
     # Outliers are rare: the largest row maximum tells whether there are any (a host read of a host tensor).
-    if threshold > 0 and row_stats.max().item() >= threshold:
-        outliers = magnitudes >= threshold
+    if threshold > 0 and (row_stats if a.shape[0] == 1 else row_stats.max()).item() >= threshold:
+        outliers = a16.abs() >= threshold
         cols = outliers.any(0).nonzero().view(-1)
         a16 = a16.masked_fill(outliers, 0)
         row_stats = a16.abs().amax(1, keepdim=True).float()
@@ -207,100 +210,39 @@ def quantize_activation(a: torch.Tensor, threshold: float) -> Int8Activation:
     return Int8Activation(ca, row_stats, cols)
 
 
-class SharedInputGroup:
-    """Int8 layers that a block calls one after another on the same input (its wq, wk, wv; its w1,
-    w3), computed as one layer: their weights are rows of one int8 matrix (each layer's weight a
-    view of its rows, so no byte is held twice), the input is quantized and multiplied once, and
-    each layer returns its columns of the product. One product instead of three cost measurably
-    less per decode step than the small kernels around each (README); every number is the one the
-    layer alone computes, since LLM.int8() scales each output column by its own row of weights.
-
-    Members join as they are built (join); once all have, their weights move into the shared
-    matrix. A layer reuses the product only when its input is the very tensor object multiplied
-    last (`x is self.x`); holding that tensor keeps its address from being reused, and the model
-    does not modify a normed input in place between the calls that read it. After every member has
-    read it the product is let go, so none outlives the block's forward.
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-        self.members: list[nn.Module] = []
-        self.cb: torch.Tensor | None = None  # [sum of members' out, in] int8, once all have joined
-        self.scb: torch.Tensor | None = None  # [sum of members' out] float32
-        self.x: torch.Tensor | None = None
-        self.product: torch.Tensor | None = None
-        self.reads = 0
-
-    def join(self, layer: nn.Module) -> None:
-        self.members.append(layer)
-        layer.shared_input = self
-        if len(self.members) == self.size:
-            self.fuse()
-
-    def fuse(self) -> None:
-        """Move the members' int8 rows and scales into one matrix; each keeps a view of its rows."""
-        self.cb = torch.cat([layer.weight.data for layer in self.members])
-        self.scb = torch.cat([layer.weight.SCB for layer in self.members])
-        start = 0
-        for layer in self.members:
-            rows = slice(start, start + layer.out_features)
-            layer.weight.data = layer.weight.CB = self.cb[rows]  # the old tensors are freed here
-            layer.weight.SCB = self.scb[rows]
-            layer.columns = rows
-            start = rows.stop
-        self.members.clear()  # the layers hold the group, not the other way round
-
-    def columns_for(self, layer: nn.Module, x: torch.Tensor, a: torch.Tensor, threshold: float) -> torch.Tensor:
-        """layer's output [rows, out] for x (a is x as [rows, in]): its columns of the shared product,
-        computed on the group's first read of x."""
-        if x is not self.x or self.product is None:
-            self.x, self.product, self.reads = x, int8_product(a, self.cb, self.scb, threshold), 0
-        out = self.product[:, layer.columns]
-        self.reads += 1
-        if self.reads >= self.size:
-            self.x, self.product = None, None
-        return out
-
-
-def int8_product(a: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float) -> torch.Tensor:
-    """LLM.int8() of a [rows, in] with int8 weights cb [out, in] and their scales scb [out], exactly as
-    bitsandbytes computes it on the CPU (row-wise int8 activations from float16, int32 products,
-    outlier columns >= threshold in a's dtype against their dequantized weight columns): [rows, out]."""
+def int8_product(a: torch.Tensor, cb_t: torch.Tensor, scb: torch.Tensor, threshold: float) -> torch.Tensor:
+    """LLM.int8() of a [rows, in] with int8 weights cb_t [in, out] (the layer's [out, in] transposed)
+    and their scales scb [out], exactly as bitsandbytes computes it on the CPU (row-wise int8
+    activations from float16, int32 products, outlier columns >= threshold in a's dtype against
+    their dequantized weight columns): [rows, out]."""
     q = quantize_activation(a, threshold)
     # (int32 products * (row scale * column scale)) * constant, bitsandbytes' order; in place after the first.
-    out = int32_product(q.ca, cb).mul(q.row_stats * scb).mul_(INT8_PRODUCT_SCALE)  # [rows, out] float32
+    out = int32_product(q.ca, cb_t).mul(q.row_stats * scb).mul_(INT8_PRODUCT_SCALE)  # [rows, out] float32
     if out.dtype != a.dtype:
         out = out.to(a.dtype)
     if q.cols is not None:
-        outlier_weights = (cb[:, q.cols] * scb.unsqueeze(1) * INT8_WEIGHT_SCALE).to(a.dtype)  # [out, n_cols]
+        outlier_weights = (cb_t.t()[:, q.cols] * scb.unsqueeze(1) * INT8_WEIGHT_SCALE).to(a.dtype)  # [out, n_cols]
         out = out.addmm(a[:, q.cols], outlier_weights.t())
     return out
 
 
-def int32_product(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """ca [rows, in] int8 times cb [out, in] int8 transposed, in int32: [rows, out]. Either route gives
+def int32_product(ca: torch.Tensor, cb_t: torch.Tensor) -> torch.Tensor:
+    """ca [rows, in] int8 times cb_t [in, out] int8, in int32: [rows, out]. Either route gives
     bitsandbytes' numbers: _int_mm's are exact, and bitsandbytes' own float32 product is exact too
     while its partial sums stay below 2**24 (127 * 127 * in at most: always for in <= 1040, and for
     wider layers unless a row's products nearly all share one sign and their largest size)."""
     if INT_MM_IS_FAST_ON_CPU or (ca.shape[0] <= INT_MM_MAX_ROWS_WITHOUT_AVX512
-                                 and cb.numel() >= INT_MM_MIN_WEIGHTS_WITHOUT_AVX512):
-        return torch._int_mm(ca, cb.t())
-    return torch.matmul(ca.float(), cb.float().t()).to(torch.int32)  # what bitsandbytes does here
+                                 and cb_t.numel() >= INT_MM_MIN_WEIGHTS_WITHOUT_AVX512):
+        return torch._int_mm(ca, cb_t)
+    return torch.matmul(ca.float(), cb_t.float()).to(torch.int32)  # what bitsandbytes does here
 
 
 def int8_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Linear8bitLt's eval forward, x [..., in] -> [..., out] in x's dtype: int8_product, bit for bit
-    what bitsandbytes computes, in fewer kernels. A layer of a SharedInputGroup
-    (`layer.shared_input`, set by share_input) takes its columns of the group's product."""
+    what bitsandbytes computes, in fewer kernels."""
     weight = layer.weight
-    a = x.reshape(-1, x.shape[-1])  # [rows, in]
-    threshold = layer.state.threshold
-    group = layer.__dict__.get("shared_input")  # a plain attribute, when there is one
-    if group is not None and group.cb is not None:
-        out = group.columns_for(layer, x, a, threshold)
-    else:
-        scb = weight.SCB if weight.SCB is not None else layer.state.SCB  # [out] float32
-        out = int8_product(a, weight.data, scb, threshold)
+    scb = weight.SCB if weight.SCB is not None else layer.state.SCB  # [out] float32
+    out = int8_product(x.reshape(-1, x.shape[-1]), weight.data.t(), scb, layer.state.threshold)
     return with_bias(layer, out).view(*x.shape[:-1], layer.out_features)
 
 
@@ -308,16 +250,129 @@ def gemv_4bit_forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Linear4bit's eval forward on a weight repacked for the AVX512-BF16 kernel, x [..., in] ->
     [..., out]: the same kernel bitsandbytes calls (bfloat16 in and out), without the Python layers
     and dispatches around it."""
-    state = layer.weight.quant_state
-    # The repacked layout exists only where bitsandbytes' CPU library (and so this kernel) loaded.
-    kernel = getattr(bnb_cpu_lib, f"gemv_4bit_inference_cpu_{state.quant_type}_bf16")
-    n, k = state.shape
-    a = x.reshape(-1, k).to(torch.bfloat16).contiguous()  # [rows, in]
-    out = torch.empty(a.shape[0], n, dtype=torch.bfloat16)
-    kernel(ct.c_int64(a.shape[0]), ct.c_int64(n), ct.c_int64(k), bnbf.get_ptr(a), bnbf.get_ptr(layer.weight.data),
-           bnbf.get_ptr(state.absmax), bnbf.get_ptr(out), ct.c_int64(state.blocksize), ct.c_int64(a.stride(0)),
-           ct.c_int64(out.stride(0)))
-    return with_bias(layer, out.to(x.dtype)).view(*x.shape[:-1], n)
+    out = Gemv4bitProduct([layer])(x.reshape(-1, layer.in_features))
+    return out.view(*x.shape[:-1], layer.out_features)
+
+
+# --- Products: what the model calls at inference --------------------------------------------------
+# A product computes, for inputs a [rows, in], the outputs [rows, sum of outs] of one or more linear
+# layers that read the same input (a block's wq, wk, wv; its w1, w3), side by side, in a's dtype:
+# one call where a decode step would otherwise go through each layer's module, its wrappers and the
+# small kernels around each matmul. Each returns exactly the numbers its layers compute alone.
+# The model takes them from fused_product at load (Transformer.fuse_projections) and calls them
+# under inference only; the layers stay in place, for training, saving and memory accounting.
+
+# `--int8_matmul` choices: LLM.int8() itself, or a weight-only product of the same stored bytes
+# (bfloat16 activations against the int8 weights and their scales) for steps of few rows.
+INT8_MATMULS = ("llm.int8", "weight_only")
+# Rows up to which the weight-only product is faster than LLM.int8()'s _int_mm (README: measured
+# crossover); above it the step takes LLM.int8() as the default mode does.
+WEIGHT_ONLY_MAX_ROWS = 4
+
+
+class Int8Product:
+    """LLM.int8() of int8 layers sharing an input: their rows are one int8 matrix, each layer's weight a
+    view of its rows (no byte held twice), the input quantized and multiplied once; bit for bit what
+    each layer computes (LLM.int8() scales each output column by its own row of weights). With
+    weight_only, steps of up to WEIGHT_ONLY_MAX_ROWS rows take _weight_int8pack_mm instead: bfloat16
+    activations times the same int8 bytes and per-row scales, without LLM.int8()'s activation
+    rounding or outlier split (closer to the stored weights, not bit-equal to bitsandbytes)."""
+
+    def __init__(self, layers: Sequence[nn.Module], weight_only: bool):
+        if len(layers) == 1:
+            cb, scb = layers[0].weight.data, layers[0].weight.SCB
+        else:
+            cb = torch.cat([layer.weight.data for layer in layers])
+            scb = torch.cat([layer.weight.SCB for layer in layers])
+            start = 0
+            for layer in layers:  # each keeps a view of its rows; its own tensors are freed here
+                rows = slice(start, start + layer.out_features)
+                layer.weight.data = layer.weight.CB = cb[rows]
+                layer.weight.SCB = scb[rows]
+                start = rows.stop
+        self.cb, self.cb_t, self.scb = cb, cb.t(), scb
+        self.threshold = layers[0].state.threshold
+        self.bias = fused_bias(layers)
+        self.weight_only_rows = WEIGHT_ONLY_MAX_ROWS if weight_only else 0
+        self.scales = (scb * INT8_WEIGHT_SCALE).to(torch.bfloat16) if weight_only else None  # [out]
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        if a.shape[0] <= self.weight_only_rows:
+            out = torch._weight_int8pack_mm(a.to(torch.bfloat16), self.cb, self.scales).to(a.dtype)
+        else:
+            out = int8_product(a, self.cb_t, self.scb, self.threshold)
+        return out if self.bias is None else out.add_(self.bias)
+
+
+class Gemv4bitProduct:
+    """bitsandbytes' AVX512-BF16 4-bit kernel over layers sharing an input, each writing its columns
+    of one output: one cast of the input, one output, one kernel call per layer (their weights and
+    block scales stay where they are)."""
+
+    def __init__(self, layers: Sequence[nn.Module]):
+        state = layers[0].weight.quant_state
+        self.kernel = getattr(bnb_cpu_lib, f"gemv_4bit_inference_cpu_{state.quant_type}_bf16")
+        self.k, self.blocksize = layers[0].in_features, ct.c_int64(state.blocksize)
+        self.n = sum(layer.out_features for layer in layers)
+        self.parts = []  # (rows of output, weight, block scales, first output column)
+        start = 0
+        for layer in layers:
+            absmax = layer.weight.quant_state.absmax
+            self.parts.append((ct.c_int64(layer.out_features), bnbf.get_ptr(layer.weight.data),
+                               bnbf.get_ptr(absmax), start * torch.bfloat16.itemsize))
+            start += layer.out_features
+        self.held = [(layer.weight.data, layer.weight.quant_state.absmax) for layer in layers]  # the pointers' owners
+        self.bias = fused_bias(layers)
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        rows = a.shape[0]
+        a16 = a.to(torch.bfloat16)
+        if not a16.is_contiguous():
+            a16 = a16.contiguous()
+        out = torch.empty(rows, self.n, dtype=torch.bfloat16)
+        m, k, lda, ldc = ct.c_int64(rows), ct.c_int64(self.k), ct.c_int64(a16.stride(0)), ct.c_int64(self.n)
+        a_ptr, out_ptr = bnbf.get_ptr(a16), out.data_ptr()
+        for n, weight, absmax, offset in self.parts:
+            self.kernel(m, n, k, a_ptr, weight, absmax, ct.c_void_p(out_ptr + offset), self.blocksize, lda, ldc)
+        out = out.to(a.dtype)
+        return out if self.bias is None else out.add_(self.bias)
+
+
+def fused_bias(layers: Sequence[nn.Module]) -> torch.Tensor | None:
+    """The layers' biases end to end (a small copy), or None when they have none."""
+    if layers[0].bias is None:
+        return None
+    return torch.cat([layer.bias.detach() for layer in layers])
+
+
+def fused_product(layers: Sequence[nn.Module], int8_matmul: str = "llm.int8") -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A product (see above) of layers that read the same input, or None where they cannot share one
+    (layers of different kinds, quantized layers off the CPU, some with a bias and some without):
+    the model then calls the layers themselves. int8_matmul: one of INT8_MATMULS."""
+    if int8_matmul not in INT8_MATMULS:
+        raise ValueError(f"int8_matmul={int8_matmul!r} is not one of {INT8_MATMULS}")
+    if len({layer.in_features for layer in layers}) != 1 or not uniform_bias(layers):
+        return None
+    first = layers[0]
+    on_cpu = all(layer.weight.device.type == "cpu" for layer in layers)
+    if on_cpu and all(type(layer) is DeviceBoundLinear8bitLt for layer in layers):
+        if len({layer.state.threshold for layer in layers}) == 1 and all(l.weight.SCB is not None for l in layers):
+            return Int8Product(layers, weight_only=int8_matmul == "weight_only")
+        return None
+    if on_cpu and all(type(layer) is DeviceBoundLinear4bit for layer in layers):
+        states = [layer.weight.quant_state for layer in layers]
+        if (all(getattr(qs, "packing_format_for_cpu", False) for qs in states)
+                and len({(qs.quant_type, qs.blocksize) for qs in states}) == 1):
+            return Gemv4bitProduct(layers)
+        return None
+    if type(first) is not Linear:
+        return None
+    return fuse_linear(layers)
+
+
+def uniform_bias(layers: Sequence[nn.Module]) -> bool:
+    """Whether all of layers have a bias or none has."""
+    return len({layer.bias is None for layer in layers}) == 1
 
 
 def quantize_linear_on_host(weight: torch.Tensor, cfg: QuantConfig, device: torch.device | str,
@@ -334,14 +389,10 @@ def make_linear_hook(cfg: QuantConfig, device: torch.device | str, dtype: torch.
     if not cfg.enabled:
         return None
 
-    groups: dict[str, SharedInputGroup] = {}
-
     def hook(name: str, module: nn.Module, weight: torch.Tensor) -> nn.Module | None:
         if name in HEAD_WEIGHTS:
             return quantize_linear_on_host(weight, cfg.head_config(), device, dtype) if cfg.quantize_head else None
-        layer = quantize_linear_on_host(weight, cfg, device, dtype)
-        share_input(name, layer, groups)
-        return layer
+        return quantize_linear_on_host(weight, cfg, device, dtype)
 
     return hook
 
@@ -367,33 +418,6 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = nn.functional.embedding(ids, self.rows).float()  # [..., dim]
         return rows.mul_(self.scales[ids].mul(INT8_WEIGHT_SCALE).unsqueeze(-1)).to(self.dtype)
-
-
-# Layers of a block that the model calls on the same input tensor, one after another, by the kind of
-# module holding them (a Mixtral expert, `feed_forward.experts.N`, is of kind "experts").
-SHARED_INPUT_GROUPS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3"), "experts": ("w1", "w3")}
-
-
-def share_input(name: str, layer: nn.Module, groups: dict[str, SharedInputGroup]) -> None:
-    """Make the lean int8 layer at module path name (`.weight` optional) a member of its block's
-    SharedInputGroup, made on the group's first layer and kept in groups (one dict per model); other
-    layers are left as they are."""
-    group = shared_input_group(name)
-    lean = isinstance(layer, DeviceBoundLinear8bitLt) and layer.weight.device.type == "cpu"
-    if group is not None and lean:
-        key, size = group
-        groups.setdefault(key, SharedInputGroup(size)).join(layer)
-
-
-def shared_input_group(name: str) -> tuple[str, int] | None:
-    """For a block linear weight `layers.N.<part>.<w>.weight` that shares its input with others, the
-    group's key (`layers.N.<part>`) and its number of layers; else None."""
-    path, _, leaf = name.removesuffix(".weight").rpartition(".")
-    kind = next((part for part in reversed(path.split(".")) if not part.isdigit()), "")
-    members = SHARED_INPUT_GROUPS.get(kind)
-    if not path.startswith("layers.") or members is None or leaf not in members:
-        return None
-    return path, len(members)
 
 
 def quantization_state_tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -305,7 +305,8 @@ def test_quantized_router_picks_transformers_experts(quantized_llm, reference):
 
 def test_quantized_model_computes_bitsandbytes_numbers(quantized_llm, monkeypatch):
     """The whole quantized model, prefill and decode, gives the logits it gives with bitsandbytes' own
-    forwards in every layer, bit for bit; an int8 expert's w1 and w3 share one product."""
+    forwards in every layer, bit for bit; an int8 expert's w1 and w3 share one product, whose
+    matrix holds their rows."""
     import bitsandbytes as bnb
 
     from llama_int8 import quantized_layers
@@ -313,11 +314,13 @@ def test_quantized_model_computes_bitsandbytes_numbers(quantized_llm, monkeypatc
     model = quantized_llm.model
     expert = model.layers[0].feed_forward.experts[1]
     if isinstance(expert.w1, bnb.nn.Linear8bitLt):
-        assert expert.w1.shared_input is expert.w3.shared_input
-        assert expert.w1.shared_input is not model.layers[0].feed_forward.experts[2].w1.shared_input
+        product = expert.gate_up_product
+        assert isinstance(product, quantized_layers.Int8Product)
+        assert expert.w3.weight.data.data_ptr() == product.cb[expert.w1.out_features:].data_ptr()
     tokens = random_tokens(2, 12, seed=8)
     with torch.inference_mode():
         ours = [model(tokens, 0), model(tokens[:, :1], 12)]
+        model.fuse_projections(lambda layers: None)  # the layers themselves, through bitsandbytes' forwards
         monkeypatch.setattr(quantized_layers.DeviceBoundLinear8bitLt, "forward", bnb.nn.Linear8bitLt.forward)
         monkeypatch.setattr(quantized_layers.DeviceBoundLinear4bit, "forward", bnb.nn.Linear4bit.forward)
         reference = [model(tokens, 0), model(tokens[:, :1], 12)]

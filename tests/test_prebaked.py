@@ -16,6 +16,7 @@ from llama_int8 import Llama, quantize
 from llama_int8.formats import CheckpointError, open_checkpoint, prebaked
 from llama_int8.formats.prebaked import FORMAT_VERSION, MANIFEST_NAME, read_manifest, write_prebaked
 from llama_int8.quantize import parse_quant_mode
+from llama_int8.quantized_layers import Int8Product
 from conftest import tiny_hf_model, write_hf_folder, write_meta_folder
 
 QUANTIZED_MODES = ("int8", "nf4", "nf4-dq", "fp4", "fp4-dq")
@@ -83,10 +84,11 @@ def test_prebaked_int8_layers_sharing_an_input_are_computed_as_one(baked_int8):
     model = Llama.build(baked_int8, max_seq_len=16, max_batch_size=1, device="cpu").model
     for block in model.layers:
         attention, ffn = block.attention, block.feed_forward
-        assert attention.wq.shared_input is attention.wk.shared_input is attention.wv.shared_input
-        assert ffn.w1.shared_input is ffn.w3.shared_input is not attention.wq.shared_input
-        assert attention.wq.shared_input.cb is not None and ffn.w1.shared_input.cb is not None
-    assert model.layers[0].attention.wq.shared_input is not model.layers[1].attention.wq.shared_input
+        for product, members in ((attention.qkv_product, (attention.wq, attention.wk, attention.wv)),
+                                 (ffn.gate_up_product, (ffn.w1, ffn.w3))):
+            assert isinstance(product, Int8Product)
+            assert torch.equal(product.cb, torch.cat([m.weight.data for m in members]))
+            assert members[0].weight.data.data_ptr() == product.cb.data_ptr()  # views: no byte twice
 
 
 def test_prebaked_with_quantized_head_round_trips(meta_source, tmp_path):

@@ -267,33 +267,33 @@ def test_cpu_fast_forward_equals_bitsandbytes_forward(mode, threshold, dtype, ro
         assert torch.equal(layer(x), bitsandbytes_forward(layer, x))
 
 
-@pytest.mark.parametrize("threshold", [6.0, 0.05])  # 0.05: the normed activations here have outliers
+@pytest.mark.parametrize("mode, threshold", [("int8", 6.0), ("int8", 0.05), ("nf4", 0.0), ("fp4", 0.0)])  # 0.05: outliers
 @pytest.mark.parametrize("batch, seq", [(1, 1), (2, 5)])
-def test_int8_layers_sharing_an_input_are_computed_as_one_and_match_bitsandbytes(threshold, batch, seq,
-                                                                                   monkeypatch):
-    """wq/wk/wv and w1/w3 of a block form one SharedInputGroup whose int8 matrix holds their rows
-    (each layer's weight a view of it: no byte twice); the logits equal those of bitsandbytes' own
-    forward in every layer, bit for bit, and no product is kept afterwards."""
-    model = quantized_tiny_model(parse_quant_mode("int8", threshold), torch.float32)
+def test_products_compute_bitsandbytes_numbers(mode, threshold, batch, seq, monkeypatch):
+    """fused_product gives each block one product for wq/wk/wv, one for w1/w3 and one for each other
+    layer (int8: one matrix holding the members' rows, each layer's weight a view of it, no byte
+    twice); the model's logits, prefill and decode, equal those of bitsandbytes' own forward in every
+    layer, bit for bit."""
+    model = quantized_tiny_model(parse_quant_mode(mode, threshold), torch.float32)
+    model.fuse_projections(quantized_layers.fused_product)
     model.setup_caches(batch, 16, torch.float32, "cpu")
-    blocks = list(model.layers)
-    for block in blocks:
+    kind = quantized_layers.Int8Product if mode == "int8" else quantized_layers.Gemv4bitProduct
+    for block in model.layers:
         attention, ffn = block.attention, block.feed_forward
-        for members in ((attention.wq, attention.wk, attention.wv), (ffn.w1, ffn.w3)):
-            group = members[0].shared_input
-            assert all(m.shared_input is group for m in members)
-            assert torch.equal(group.cb, torch.cat([m.weight.data for m in members]))
-            assert all(m.weight.data.untyped_storage().data_ptr() == group.cb.untyped_storage().data_ptr()
-                       for m in members)
-        assert ffn.w1.shared_input is not attention.wq.shared_input
-        assert "shared_input" not in vars(attention.wo) and "shared_input" not in vars(ffn.w2)
-    assert blocks[0].attention.wq.shared_input is not blocks[1].attention.wq.shared_input
+        for product in (attention.qkv_product, attention.out_product, ffn.gate_up_product, ffn.down_product):
+            assert isinstance(product, kind)
+        if mode == "int8":
+            for product, members in ((attention.qkv_product, (attention.wq, attention.wk, attention.wv)),
+                                     (ffn.gate_up_product, (ffn.w1, ffn.w3))):
+                assert torch.equal(product.cb, torch.cat([m.weight.data for m in members]))
+                assert all(m.weight.data.untyped_storage().data_ptr() == product.cb.untyped_storage().data_ptr()
+                           for m in members)
     tokens = torch.randint(0, TINY_ARGS.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         ours = [model(tokens, 0), model(tokens[:, :1], seq)]  # a prefill, then one decode step
-        groups = {id(m.shared_input): m.shared_input for m in model.modules() if "shared_input" in vars(m)}
-        assert groups and all(g.x is None and g.product is None for g in groups.values())
+        model.fuse_projections(lambda layers: None)  # the layers themselves, through bitsandbytes' forwards
         monkeypatch.setattr(quantized_layers.DeviceBoundLinear8bitLt, "forward", bnb.nn.Linear8bitLt.forward)
+        monkeypatch.setattr(quantized_layers.DeviceBoundLinear4bit, "forward", bnb.nn.Linear4bit.forward)
         reference = [model(tokens, 0), model(tokens[:, :1], seq)]
     for got, want in zip(ours, reference):
         assert torch.equal(got, want)

@@ -12,7 +12,7 @@ from llama_int8.formats import open_checkpoint
 from llama_int8.formats.prebaked import read_manifest, write_prebaked
 from llama_int8.loader import fill_model
 from llama_int8.memory import weight_bytes
-from llama_int8.model import Linear, ModelArgs, empty_model
+from llama_int8.model import Linear, LinearProduct, ModelArgs, empty_model
 from llama_int8.quantize import parse_quant_mode
 from llama_int8.quantized_layers import DeviceBoundLinear8bitLt, QuantizedEmbedding, make_linear_hook
 from conftest import tiny_hf_model, write_hf_folder
@@ -102,17 +102,20 @@ def test_fused_projections_give_the_unfused_logits_exactly_in_float32(n_kv_heads
         got = [model(TOKENS, 0), model(TOKENS[:, :1], TOKENS.shape[1])]
     for layer in model.layers:
         attention, ffn = layer.attention, layer.feed_forward
-        assert attention.wqkv is not None and ffn.w13 is not None
-        assert attention.wq.weight.data_ptr() == attention.wqkv.data_ptr()  # views: no byte twice
-        assert ffn.w3.weight.data_ptr() == ffn.w13[args.ffn_hidden_dim:].data_ptr()
+        assert isinstance(attention.qkv_product, LinearProduct) and isinstance(ffn.gate_up_product, LinearProduct)
+        assert attention.wq.weight.data_ptr() == attention.qkv_product.weight.data_ptr()  # views: no byte twice
+        assert ffn.w3.weight.data_ptr() == ffn.gate_up_product.weight[args.ffn_hidden_dim:].data_ptr()
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 
 
-def test_quantized_blocks_are_left_unfused():
+def test_quantized_blocks_are_left_to_their_own_products():
+    """fuse_linear fuses plain Linear layers only: quantized blocks get products from
+    quantized_layers.fused_product, or are called as they are."""
     model = tiny_model(TIED_ARGS, "nf4", False)
     model.fuse_projections()
-    assert all(layer.attention.wqkv is None and layer.feed_forward.w13 is None for layer in model.layers)
+    assert all(layer.attention.qkv_product is None and layer.feed_forward.gate_up_product is None
+               for layer in model.layers)
 
 
 # --- On SmolLM2's own weights -----------------------------------------------------------------------
