@@ -5,12 +5,15 @@
     python -m benchmarks.speed --quant int8 --batch 1 --runs 3 --compare llama.cpp \
         --llama_cpp_python /path/to/llama-cpp-venv/bin/python
     python -m benchmarks.speed --quant none --batch 1 --prompt_tokens 448 --kv_cache model,int8
+    python -m benchmarks.speed --quant int8,nf4 --int8_matmul llm.int8,weight_only --batch 1 --compare llama.cpp
 
 --compare llama.cpp runs llama.cpp (llama-cpp-python, in a child process started with
 --llama_cpp_python, or with this Python when it has llama_cpp) on the same weights at the same
 precision, F32 / Q8_0 / Q4_0 for none / int8 / the 4-bit modes, made by llama.cpp's own quantizer
-(see benchmarks/versus_llama_cpp.py); at batch 1 only, its single-sequence case. Several --kv_cache
-kinds run ours once per kind, the first as "llama_int8" and each other beside it like an engine compared.
+(see benchmarks/versus_llama_cpp.py); at batch 1 only, its single-sequence case. Several --quant,
+--kv_cache or --int8_matmul values run ours once per combination, the first as "llama_int8" and each
+other beside it like an engine compared; each row of ours gives its decode and prefill speed as a
+ratio of the compared engine's.
 
 Both engines generate greedily from the same random prompts. Prefill is the time to the first token
 (prompt forward plus the generator's setup); decode tokens/s counts the new_tokens - 1 tokens after
@@ -31,6 +34,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import fire
@@ -139,11 +143,12 @@ def measure(engines: dict[str, Generate], device: torch.device, batch: int, prom
     return figures
 
 
-def build_ours(source: Path, quant: str, max_seq_len: int, max_batch: int, device: str | None,
-               dtype: str | None, quantize_head: bool | None, kv_cache: str = "model") -> tuple[Llama, Path]:
+def build_ours(source: Path, variant: Variant, max_seq_len: int, max_batch: int, device: str | None,
+               dtype: str | None, quantize_head: bool | None) -> tuple[Llama, Path]:
     """Our engine on source; a GGUF our loader refuses is read from its HF export instead."""
-    settings = dict(max_seq_len=max_seq_len, max_batch_size=max_batch, quant=quant, device=device, dtype=dtype,
-                    quantize_head=quantize_head, kv_cache=kv_cache)
+    settings = dict(max_seq_len=max_seq_len, max_batch_size=max_batch, quant=variant.quant, device=device,
+                    dtype=dtype, quantize_head=quantize_head, kv_cache=variant.kv_cache,
+                    int8_matmul=variant.int8_matmul)
     try:
         return Llama.build(source, **settings), source
     except CheckpointError as e:
@@ -154,14 +159,42 @@ def build_ours(source: Path, quant: str, max_seq_len: int, max_batch: int, devic
         return Llama.build(folder, **settings), folder
 
 
-def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tuple = "1,8",
+@dataclass(frozen=True)
+class Variant:
+    """One way of running our engine: Llama.build's quant, kv_cache and int8_matmul."""
+
+    quant: str
+    kv_cache: str
+    int8_matmul: str
+
+    def name(self, first: Variant) -> str:
+        """"llama_int8" for the first variant, else what differs from it, e.g. "llama_int8, int8 KV cache"."""
+        parts = [self.quant if self.quant != first.quant else None,
+                 f"{self.kv_cache} KV cache" if self.kv_cache != first.kv_cache else None,
+                 self.int8_matmul if self.int8_matmul != first.int8_matmul else None]
+        return ", ".join(["llama_int8", *(p for p in parts if p)])
+
+
+def variants(quant: list[str], kv_cache: list[str], int8_matmul: list[str]) -> list[Variant]:
+    """Every combination asked for; int8_matmul only varies for int8, the mode it applies to."""
+    return [Variant(q, k, m) for q in quant for k in kv_cache for m in (int8_matmul if q == "int8" else int8_matmul[:1])]
+
+
+def listed(value: str | int | tuple) -> list[str]:
+    """A comma-separated flag as a list (fire gives "a,b" as a tuple)."""
+    return str(value).split(",") if isinstance(value, (str, int)) else [str(v) for v in value]
+
+
+def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", batch: str | int | tuple = "1,8",
          prompt_tokens: int = 128, new_tokens: int = 64, runs: int = 5, device: str | None = None,
          dtype: str | None = None, threads: int | None = None, compare: str | None = None,
          llama_cpp_python: str | None = None, quantize_head: bool | None = None, kv_cache: str | tuple = "model",
-         json: bool = False) -> None:
+         int8_matmul: str | tuple = "llm.int8", json: bool = False) -> None:
     """Prefill and decode tokens/s for each batch size; --compare transformers adds HF + bitsandbytes,
-    --compare llama.cpp adds llama.cpp (batch 1) run by llama_cpp_python; kv_cache: Llama.build's, or
-    several comma-separated, each run as one more engine.
+    --compare llama.cpp adds llama.cpp (batch 1) run by llama_cpp_python at the first quant's precision.
+    quant, kv_cache and int8_matmul may each list several comma-separated values: ours then runs once
+    per combination (int8_matmul for int8 only), the first as "llama_int8" and each other beside it
+    like an engine compared; every row of ours gives its decode speed against the compared engine.
 
     threads: CPU threads for every engine (torch's default when None). On a machine shared with
     other busy processes, 1 thread avoids threads waiting on each other at every small kernel.
@@ -174,50 +207,57 @@ def main(ckpt_dir: str | None = None, quant: str = "int8", batch: str | int | tu
         raise ValueError(f"new_tokens ({new_tokens}) must be >= 2 and runs ({runs}) >= 1")
     if threads is not None:
         torch.set_num_threads(threads)
-    sizes = [int(b) for b in (str(batch).split(",") if isinstance(batch, (str, int)) else batch)]
+    sizes = [int(b) for b in listed(batch)]
     source = Path(ckpt_dir) if ckpt_dir else demo_gguf_path()
     max_seq_len = prompt_tokens + new_tokens + 1
-    kinds = kv_cache.split(",") if isinstance(kv_cache, str) else [str(k) for k in kv_cache]  # fire: "a,b" -> tuple
-    llm, ours_source = build_ours(source, quant, max_seq_len, max(sizes), device, dtype, quantize_head, kinds[0])
-    with_caches = {f"llama_int8, {kind} KV cache": build_ours(ours_source, quant, max_seq_len, max(sizes), device,
-                                                              dtype, quantize_head, kind)[0] for kind in kinds[1:]}
-    cache_of = {"llama_int8": kinds[0], **{name: other.model.kv_cache for name, other in with_caches.items()}}
+    runs_of = variants(listed(quant), listed(kv_cache), listed(int8_matmul))
+    first = runs_of[0]
+    llm, ours_source = build_ours(source, first, max_seq_len, max(sizes), device, dtype, quantize_head)
+    ours = {first.name(first): (first, llm)}
+    for variant in runs_of[1:]:
+        ours[variant.name(first)] = (variant, build_ours(ours_source, variant, max_seq_len, max(sizes), device,
+                                                         dtype, quantize_head)[0])
     dev = llm.model.device
     model_dtype = llm.model.norm.weight.dtype  # the activations' (a quantized embedding has int8 rows)
-    hf = (load_transformers(transformers_folder(ours_source), quant, dev, model_dtype)
+    hf = (load_transformers(transformers_folder(ours_source), first.quant, dev, model_dtype)
           if compare == "transformers" else None)
-    llama_cpp, gguf_path = (load_llama_cpp(source, quant, llama_cpp_python, max_seq_len)
+    llama_cpp, gguf_path = (load_llama_cpp(source, first.quant, llama_cpp_python, max_seq_len)
                             if compare == "llama.cpp" else (None, None))
     bandwidth = copy_bandwidth_gbps(dev)
-    read_bytes = {b: decode_read_bytes(llm, b) for b in {1, *sizes}}  # by batch size; they differ for experts
-    ops = ops_per_token(llm, prompt_batch(llm.model.args.vocab_size, 1, prompt_tokens)[0])
+    prompt = prompt_batch(llm.model.args.vocab_size, 1, prompt_tokens)[0]
+    ops = {name: ops_per_token(engine, prompt) for name, (_, engine) in ours.items()}
     rows = []
     for b in tqdm(sizes, desc="Batch sizes", unit="batch"):
         prompts = prompt_batch(llm.model.args.vocab_size, b, prompt_tokens)
-        engines = {"llama_int8": ours_generate(llm, prompts),
-                   **{name: ours_generate(other, prompts) for name, other in with_caches.items()}}
+        engines = {name: ours_generate(engine, prompts) for name, (_, engine) in ours.items()}
+        theirs = None
         if hf is not None:
-            engines["transformers+bnb" if quant != "none" else "transformers"] = transformers_generate(hf, prompts)
+            theirs = "transformers+bnb" if first.quant != "none" else "transformers"
+            engines[theirs] = transformers_generate(hf, prompts)
         if llama_cpp is not None and b == 1:
-            engines[f"llama.cpp {LLAMA_CPP_TYPES[quant]}"] = llama_cpp_generate(llama_cpp, prompts[0])
+            theirs = f"llama.cpp {LLAMA_CPP_TYPES[first.quant]}"
+            engines[theirs] = llama_cpp_generate(llama_cpp, prompts[0])
         figures = measure(engines, dev, b, prompt_tokens, new_tokens, runs)
-        ours = figures["llama_int8"]
         for name, fig in figures.items():
-            achieved = read_bytes[b] * fig["steps/s"] / 1e9
-            theirs = name != "llama_int8"
-            rows.append({"engine": name, "quant": quant, "KV cache": cache_of.get(name), "batch": b,
+            variant, engine = ours.get(name, (None, None))
+            achieved = None if engine is None else decode_read_bytes(engine, b) * fig["steps/s"] / 1e9
+            versus = figures.get(theirs) if engine is not None else None
+            rows.append({"engine": name, "quant": first.quant if variant is None else variant.quant,
+                         "KV cache": None if variant is None else variant.kv_cache, "batch": b,
                          "prefill tok/s": fig["prefill tok/s"],
                          "decode tok/s": fig["decode tok/s"],
-                         "weights GB/s": None if theirs else achieved,
-                         "of bandwidth": None if theirs else f"{achieved / bandwidth:.0%}",
-                         "ops/token": None if theirs or b != 1 else round(ops),
-                         "ours vs this, decode": f"{ours['decode tok/s'] / fig['decode tok/s']:.2f}x" if theirs else None,
-                         "prefill": f"{ours['prefill tok/s'] / fig['prefill tok/s']:.2f}x" if theirs else None})
-    del llm, hf, with_caches
+                         "weights GB/s": achieved,
+                         "of bandwidth": None if achieved is None else f"{achieved / bandwidth:.0%}",
+                         "ops/token": round(ops[name]) if name in ops and b == 1 else None,
+                         f"decode vs {theirs}": (f"{fig['decode tok/s'] / versus['decode tok/s']:.2f}x"
+                                                 if versus else None),
+                         "prefill vs it": f"{fig['prefill tok/s'] / versus['prefill tok/s']:.2f}x" if versus else None})
+    read_bytes = {b: decode_read_bytes(llm, b) for b in {1, *sizes}}  # by batch size; they differ for experts
+    del llm, hf, ours
     if llama_cpp is not None:
         llama_cpp.close()
     gc.collect()
-    report(f"Speed: {source.name}, {quant}, {str(model_dtype).removeprefix('torch.')}, {prompt_tokens}-token "
+    report(f"Speed: {source.name}, {str(model_dtype).removeprefix('torch.')}, {prompt_tokens}-token "
            f"prompt, {new_tokens} greedy tokens, {torch.get_num_threads()} CPU thread(s), median of {runs} runs",
            rows, json, {"copy_bandwidth_gbps": bandwidth, "decode_read_bytes": read_bytes[1],
                         "decode_read_bytes_by_batch": {b: read_bytes[b] for b in sizes}, "ops_per_token": ops,

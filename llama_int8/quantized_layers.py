@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import math
+from functools import partial
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -210,20 +211,29 @@ def quantize_activation(a: torch.Tensor, threshold: float) -> Int8Activation:
     return Int8Activation(ca, row_stats, cols)
 
 
-def int8_product(a: torch.Tensor, cb_t: torch.Tensor, scb: torch.Tensor, threshold: float) -> torch.Tensor:
+def int8_product(a: torch.Tensor, cb_t: torch.Tensor, scb: torch.Tensor, threshold: float,
+                 outlier_weights: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None) -> torch.Tensor:
     """LLM.int8() of a [rows, in] with int8 weights cb_t [in, out] (the layer's [out, in] transposed)
     and their scales scb [out], exactly as bitsandbytes computes it on the CPU (row-wise int8
     activations from float16, int32 products, outlier columns >= threshold in a's dtype against
-    their dequantized weight columns): [rows, out]."""
+    their dequantized weight columns): [rows, out]. outlier_weights(cols, dtype): those weight
+    columns [out, n_cols], as dequantized_columns computes them (a product may keep them)."""
     q = quantize_activation(a, threshold)
     # (int32 products * (row scale * column scale)) * constant, bitsandbytes' order; in place after the first.
     out = int32_product(q.ca, cb_t).mul(q.row_stats * scb).mul_(INT8_PRODUCT_SCALE)  # [rows, out] float32
     if out.dtype != a.dtype:
         out = out.to(a.dtype)
     if q.cols is not None:
-        outlier_weights = (cb_t.t()[:, q.cols] * scb.unsqueeze(1) * INT8_WEIGHT_SCALE).to(a.dtype)  # [out, n_cols]
-        out = out.addmm(a[:, q.cols], outlier_weights.t())
+        weights = (outlier_weights or partial(dequantized_columns, cb_t, scb))(q.cols, a.dtype)
+        out = out.addmm(a.index_select(1, q.cols), weights.t())
     return out
+
+
+def dequantized_columns(cb_t: torch.Tensor, scb: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Columns cols of the int8 weight [out, in] (given as cb_t [in, out]) dequantized to dtype as
+    bitsandbytes does for its outlier product: [out, n_cols]. index_select, since indexing a wide
+    int8 matrix's columns with [:, cols] is ~50x slower on the CPU."""
+    return (cb_t.t().index_select(1, cols) * scb.unsqueeze(1) * INT8_WEIGHT_SCALE).to(dtype)
 
 
 def int32_product(ca: torch.Tensor, cb_t: torch.Tensor) -> torch.Tensor:
@@ -268,6 +278,9 @@ INT8_MATMULS = ("llm.int8", "weight_only")
 # Rows up to which the weight-only product is faster than LLM.int8()'s _int_mm (README: measured
 # crossover); above it the step takes LLM.int8() as the default mode does.
 WEIGHT_ONLY_MAX_ROWS = 4
+# Outlier weight columns an int8 product keeps dequantized (see Int8Product.outlier_weights), in all:
+# at most this many times its output size in values (a column of the head's is its vocabulary).
+KEPT_OUTLIER_COLUMNS = 16
 
 
 class Int8Product:
@@ -295,13 +308,29 @@ class Int8Product:
         self.bias = fused_bias(layers)
         self.weight_only_rows = WEIGHT_ONLY_MAX_ROWS if weight_only else 0
         self.scales = (scb * INT8_WEIGHT_SCALE).to(torch.bfloat16) if weight_only else None  # [out]
+        self.kept_columns: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}  # see outlier_weights
+        self.kept_count = 0
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         if a.shape[0] <= self.weight_only_rows:
             out = torch._weight_int8pack_mm(a.to(torch.bfloat16), self.cb, self.scales).to(a.dtype)
         else:
-            out = int8_product(a, self.cb_t, self.scb, self.threshold)
+            out = int8_product(a, self.cb_t, self.scb, self.threshold, self.outlier_weights)
         return out if self.bias is None else out.add_(self.bias)
+
+    def outlier_weights(self, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dequantized_columns, kept once made for each set of columns: LLM.int8()'s outliers sit in
+        the same few feature columns token after token, and gathering columns of a wide matrix (the
+        head's) cost more than its whole int8 product. Sets are kept up to KEPT_OUTLIER_COLUMNS
+        columns in all."""
+        key = (tuple(cols.tolist()), dtype)
+        weights = self.kept_columns.get(key)
+        if weights is None:
+            weights = dequantized_columns(self.cb_t, self.scb, cols, dtype)
+            if self.kept_count + len(cols) <= KEPT_OUTLIER_COLUMNS:
+                self.kept_columns[key] = weights
+                self.kept_count += len(cols)
+        return weights
 
 
 class Gemv4bitProduct:

@@ -84,8 +84,10 @@ def test_accepted_names_are_the_packages():
     from llama_int8.generation import resolve_dtype
     from llama_int8.model import ATTENTION_BACKENDS
     from llama_int8.quantize import QUANT_MODES
+    from llama_int8.quantized_layers import INT8_MATMULS
 
     assert cli.QUANT_MODES == QUANT_MODES
+    assert cli.INT8_MATMULS == INT8_MATMULS
     assert sorted(cli.ATTENTION_BACKENDS) == sorted(ATTENTION_BACKENDS)
     for name in cli.DTYPES:
         resolve_dtype(name, torch.device("cpu"))

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_int8 import quantize, quantized_layers
+from llama_int8 import Llama, quantize, quantized_layers
 from llama_int8.formats import NamedTensor
 from llama_int8.loader import fill_model
 from llama_int8.memory import weight_bytes
@@ -459,3 +459,42 @@ def test_bfloat16_quantized_model_stays_finite_on_real_weights(smollm2_hf, quant
         assert torch.isfinite(llm.model(tokens, 0)).all()
     answer = llm.text_completion(["The capital of France is"], temperature=0, max_gen_len=4)[0]["generation"]
     assert "Paris" in answer
+
+
+@pytest.mark.parametrize("rows", [1, quantized_layers.WEIGHT_ONLY_MAX_ROWS])
+def test_weight_only_int8_product_multiplies_bfloat16_activations_by_the_stored_weights(rows):
+    """--int8_matmul weight_only: up to WEIGHT_ONLY_MAX_ROWS rows, the product is bfloat16 activations
+    times the stored int8 weights scaled per row (no activation quantization, no outlier split):
+    close to a float32 product with the dequantized weights, and closer than LLM.int8() itself."""
+    w = torch.randn(256, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    layer = quantized_layers.quantize_linear_on_host(w, parse_quant_mode("int8"), "cpu", torch.float32)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(1))
+    x[:, 3] = 9.0  # an outlier feature: LLM.int8() splits it off, the weight-only product does not
+    weight_only = quantized_layers.fused_product([layer], int8_matmul="weight_only")
+    dequantized = layer.weight.data.float() * (layer.weight.SCB.unsqueeze(1) / 127)
+    exact = x @ dequantized.t()
+    bf16 = x.bfloat16().float() @ dequantized.t()  # what bfloat16 activations allow at best
+    with torch.inference_mode():
+        got = weight_only(x)
+        llm_int8 = layer(x)
+    assert got.dtype == torch.float32
+    # Rounded twice to bfloat16's 8 bits beyond bf16's own: each row's scale, and the output.
+    assert ((got - bf16).abs() <= 2 * 2**-8 * bf16.abs() + 1e-3 * exact.abs().max()).all()
+    assert (got - exact).abs().mean() < (llm_int8 - exact).abs().mean()
+
+
+def test_weight_only_int8_takes_llm_int8_above_its_rows():
+    """Beyond WEIGHT_ONLY_MAX_ROWS rows (a prefill, a large batch) the weight-only product is
+    LLM.int8(), bit for bit what bitsandbytes computes."""
+    w = torch.randn(256, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    layer = quantized_layers.quantize_linear_on_host(w, parse_quant_mode("int8"), "cpu", torch.float32)
+    x = torch.randn(quantized_layers.WEIGHT_ONLY_MAX_ROWS + 1, 128, generator=torch.Generator().manual_seed(1))
+    x[:, 3] = 9.0
+    product = quantized_layers.fused_product([layer], int8_matmul="weight_only")
+    with torch.inference_mode():
+        assert torch.equal(product(x), bnb.nn.Linear8bitLt.forward(layer, x))
+
+
+def test_int8_matmul_is_checked_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="int8_matmul: 'fast' is not one of llm.int8, weight_only"):
+        Llama.build(tmp_path / "missing", int8_matmul="fast")
