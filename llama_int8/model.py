@@ -441,6 +441,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
         return attend_int8(q, k, v, window, backend)
     if backend == "flash":
         return flash_attend(q, k, v, window)
+    if s == 1 and backend == "sdpa":  # a decode step: sdpa_attend's own folding, without the transposes
+        b, _, h, d = q.shape
+        folded = q.reshape(b, k.shape[1], h // k.shape[1], d)  # query head j = kv head j // groups
+        return F.scaled_dot_product_attention(folded, k, v).view(b, 1, h, d)
     q = q.transpose(1, 2)  # [b, h, s, d]
     groups = q.shape[1] // k.shape[1]
     if backend == "math":

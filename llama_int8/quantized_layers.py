@@ -281,6 +281,8 @@ WEIGHT_ONLY_MAX_ROWS = 4
 # Outlier weight columns an int8 product keeps dequantized (see Int8Product.outlier_weights), in all:
 # at most this many times its output size in values (a column of the head's is its vocabulary).
 KEPT_OUTLIER_COLUMNS = 16
+# Rows of the bfloat16 output a 4-bit product keeps from call to call (Gemv4bitProduct.output).
+KEPT_OUTPUT_ROWS = 8
 
 
 class Int8Product:
@@ -352,13 +354,24 @@ class Gemv4bitProduct:
             start += layer.out_features
         self.held = [(layer.weight.data, layer.weight.quant_state.absmax) for layer in layers]  # the pointers' owners
         self.bias = fused_bias(layers)
+        self.buffer: torch.Tensor | None = None  # see output
+
+    def output(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """Where the kernel writes [rows, n] bfloat16: a buffer kept for decode steps (up to
+        KEPT_OUTPUT_ROWS rows) when the result is converted to another dtype, a copy that leaves it
+        free for the next call; a new tensor otherwise."""
+        if dtype == torch.bfloat16 or rows > KEPT_OUTPUT_ROWS:
+            return torch.empty(rows, self.n, dtype=torch.bfloat16)
+        if self.buffer is None or self.buffer.shape[0] != rows:
+            self.buffer = torch.empty(rows, self.n, dtype=torch.bfloat16)
+        return self.buffer
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         rows = a.shape[0]
         a16 = a.to(torch.bfloat16)
         if not a16.is_contiguous():
             a16 = a16.contiguous()
-        out = torch.empty(rows, self.n, dtype=torch.bfloat16)
+        out = self.output(rows, a.dtype)
         m, k, lda, ldc = ct.c_int64(rows), ct.c_int64(self.k), ct.c_int64(a16.stride(0)), ct.c_int64(self.n)
         a_ptr, out_ptr = bnbf.get_ptr(a16), out.data_ptr()
         for n, weight, absmax, offset in self.parts:
