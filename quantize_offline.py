@@ -66,8 +66,10 @@ def main(args: argparse.Namespace) -> None:
     from llama_int8.formats.hf import write_hf
     from llama_int8.formats.hf_bnb import TRANSFORMERS_BLOCKSIZE, write_hf_bnb
     from llama_int8.formats.prebaked import write_prebaked
-    from llama_int8.quantize import parse_quant_mode
+    from llama_int8.quantize import GGUF_QUANTIZES_NOTHING, parse_quant_mode
 
+    if args.quant == "gguf" and args.format != "hf":
+        raise ValueError(f"--quant gguf: {GGUF_QUANTIZES_NOTHING}")
     threshold = 6.0 if args.int8_threshold is None else args.int8_threshold
     blocksize = TRANSFORMERS_BLOCKSIZE if args.blocksize is None and args.format == "hf-bnb" else args.blocksize
     cfg = parse_quant_mode(args.quant, threshold, blocksize, quantize_head_flag(args))

@@ -27,7 +27,7 @@ from .flags import add_switch, device_name, existing_path, int_value, non_negati
 # What --quant, --dtype, --attention, --kv_cache and --int8_matmul accept. The quantizer, generation.resolve_dtype and
 # the model check the same names (tests keep them equal); they are repeated here because importing those
 # modules means importing torch and bitsandbytes, seconds before a typo could be reported.
-QUANT_MODES = ("int8", "nf4", "nf4-dq", "fp4", "fp4-dq", "none")
+QUANT_MODES = ("int8", "nf4", "nf4-dq", "fp4", "fp4-dq", "gguf", "none")
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 ATTENTION_BACKENDS = ("flash", "sdpa", "math")
 KV_CACHES = ("model", "int8")
@@ -54,7 +54,8 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser, ckpt_required: bool = 
     group.add_argument("--delta", type=path_stack, metavar="PATH",
                        help="folders whose weights are added to the checkpoint's, comma-separated (default: none)")
     group.add_argument("--quant", type=quant_mode, default="int8", metavar="MODE",
-                       help=f"{', '.join(QUANT_MODES)} (default: %(default)s; a pre-baked folder keeps its own)")
+                       help=f"{', '.join(QUANT_MODES)} (default: %(default)s; a pre-baked folder keeps its own; gguf: "
+                            "a .gguf file's Q4_0/Q4_1 weights as stored, through torch's int4pack kernel)")
     group.add_argument("--int8_threshold", type=non_negative_float, metavar="X",
                        help="LLM.int8()'s outlier threshold, 0 turns the 16-bit outlier path off "
                             "(default: 6.0, or a pre-baked folder's own)")

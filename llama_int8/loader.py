@@ -1,7 +1,8 @@
 """Build a Transformer on the meta device and fill it, tensor by tensor, from a checkpoint.
 
 Weights are converted (or quantized, through a hook from quantized_layers) one at a time as the
-checkpoint yields them, and each source tensor is freed before the next is read.
+checkpoint yields them, and each source tensor is freed before the next is read. In quant mode gguf
+a GGUF file's Q4_0 / Q4_1 block weights are packed as they are stored for torch's int4pack kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from tqdm import tqdm
 
 from .formats import Checkpoint, CheckpointError, NamedTensor
 from .formats.common import check_finite, checked_tensors
+from .formats.gguf_file import GGUFCheckpoint
+from .int4pack import int4pack_linear, scale_dtype
 from .memory import GiB, MiB, return_freed_host_memory
 from .model import ModelArgs, Transformer, kv_cache_bytes
 from .quantize import NonFiniteWeightError, QuantConfig, quantized_layer_names, quantized_weight_bytes
@@ -52,7 +55,7 @@ def check_memory_fits(model: Transformer, cfg: QuantConfig, device: torch.device
     free = free_memory_bytes(device)
     if free is None:
         return
-    weights = expected_weight_bytes(model, cfg, dtype)
+    weights = expected_weight_bytes(model, cfg, device, dtype)
     if weights + cache <= free:
         return
     advice = ("lower --max_seq_len or --max_batch_size" + (", or pass --kv_cache int8" if kv_cache == "model" else "")
@@ -88,20 +91,22 @@ def free_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-def expected_weight_bytes(model: Transformer, cfg: QuantConfig, dtype: torch.dtype) -> int:
+def expected_weight_bytes(model: Transformer, cfg: QuantConfig, device: torch.device, dtype: torch.dtype) -> int:
     """Bytes the weights of a meta-device model will take once loaded: quantized layers as cfg
     stores them, every other parameter in dtype (a tied head counted once, as the quantized head or
-    as the embedding)."""
+    as the embedding). In mode gguf every block linear counts as packed: a lower bound for a file
+    that stores some in other types (they load as dtype layers)."""
     args = model.args
     quantized = set(quantized_layer_names(args.n_layers, cfg.quantize_head, args.n_experts)) if cfg.enabled else set()
     shared = "tok_embeddings.weight" if "output" in quantized else "output.weight"  # a tied head's other name
+    scales = scale_dtype(device, dtype)  # a gguf layer's
     total = 0
     for name, p in model.named_parameters():
         module = name.removesuffix(".weight")
         if name == shared and model.args.tie_word_embeddings:
             continue
         if module in quantized:
-            total += quantized_weight_bytes(p.shape[0], p.shape[1], cfg.layer_config(module))
+            total += quantized_weight_bytes(p.shape[0], p.shape[1], cfg.layer_config(module), scales)
         else:
             total += p.numel() * dtype.itemsize
     return total
@@ -114,14 +119,60 @@ def load_weights(model: Transformer, checkpoint: Checkpoint, cfg: QuantConfig, d
     The linear layers of the blocks (and the head, if cfg says so) are quantized on the host as cfg
     says; a checkpoint whose layers are stored quantized has them built as they are, in its own
     mode (cfg, which must be that mode, lends its int8 threshold), and only the experts it holds in
-    16 bits are quantized (see expert_quantizing_hook).
+    16 bits are quantized (see expert_quantizing_hook). In mode gguf, see load_gguf_as_stored.
     """
-    if checkpoint.quant is not None:
+    if cfg.mode == "gguf":
+        load_gguf_as_stored(model, checkpoint, cfg, device, dtype)
+    elif checkpoint.quant is not None:
         load_quantized_layers(model, checkpoint, cfg, device, dtype)
         fill_model(model, checkpoint.tensors(), device, dtype, linear_hook=expert_quantizing_hook(cfg, device, dtype))
     else:
         fill_model(model, checkpoint.tensors(), device, dtype, linear_hook=make_linear_hook(cfg, device, dtype),
                    total=count_expected_tensors(checkpoint.args))
+
+
+def load_gguf_as_stored(model: Transformer, checkpoint: Checkpoint, cfg: QuantConfig, device: torch.device,
+                        dtype: torch.dtype) -> None:
+    """Quant mode gguf: each block linear weight the file stores Q4_0 or Q4_1 becomes an
+    int4pack.Int4PackLinear, its 4-bit values and scales repacked as stored (in float32, gguf's own
+    dequantized weights bit for bit); block weights stored in other types (F16, Q8_0, Q6_K...) are
+    dequantized into plain dtype layers; the head is quantized as cfg says (int8 by default), and
+    every other tensor loads as in mode none."""
+    if not isinstance(checkpoint, GGUFCheckpoint):
+        raise ValueError(f"quant='gguf' serves the Q4_0/Q4_1 weights of a GGUF file as they are stored, but "
+                         f"{checkpoint.location} is a {checkpoint.format} checkpoint: pass a .gguf file, or choose "
+                         "int8, nf4, nf4-dq, fp4, fp4-dq or none")
+    packed = 0
+    for weight in tqdm(checkpoint.q4_linear_weights(), desc="Packing Q4 layers", unit="layer", leave=False):
+        path = weight.name.removesuffix(".weight")
+        linear = model.get_submodule(path)
+        if weight.shape != (linear.out_features, linear.in_features):
+            raise CheckpointError(f"{weight.source}: tensor {weight.name!r} has shape {weight.shape}, expected "
+                                  f"{(linear.out_features, linear.in_features)} from the model configuration")
+        layer = int4pack_linear(weight.blocks, weight.kind, device, dtype)
+        check_finite(layer.scales_and_zeros, weight.name, weight.source)
+        keep_bias(linear, layer)
+        set_submodule(model, path, layer)
+        packed += 1
+    others = len(quantized_layer_names(model.args.n_layers, False, model.args.n_experts)) - packed
+    if others:
+        log.warning("%s: %d block linear weights are not stored Q4_0/Q4_1: quant 'gguf' keeps them as %s layers "
+                    "(%d packed)", checkpoint.location, others, str(dtype).removeprefix("torch."), packed)
+    fill_model(model, checkpoint.tensors(leave_out_q4_linears=True), device, dtype,
+               linear_hook=head_quantizing_hook(cfg, device, dtype))
+
+
+def head_quantizing_hook(cfg: QuantConfig, device: torch.device, dtype: torch.dtype) -> LinearHook | None:
+    """For quant mode gguf: a hook that quantizes the head as cfg says and leaves the block linears it
+    is given (those the file does not store Q4_0/Q4_1) as plain layers."""
+    hook = make_linear_hook(cfg, device, dtype)
+    if hook is None or not cfg.quantize_head:
+        return None
+
+    def quantize_head(name: str, module: nn.Module, weight: torch.Tensor) -> nn.Module | None:
+        return None if is_block_linear(name) else hook(name, module, weight)
+
+    return quantize_head
 
 
 def expert_quantizing_hook(cfg: QuantConfig, device: torch.device, dtype: torch.dtype) -> LinearHook | None:

@@ -23,16 +23,20 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 import bitsandbytes as bnb  # noqa: E402  (after the logger settings above)
 import bitsandbytes.functional as bnbf  # noqa: E402
 
+from .int4pack import GROUP_SIZE, int4pack_bytes  # noqa: E402
+
 BITSANDBYTES_VERSION = bnb.__version__
 
 # What --quant accepts; litgpt's names ("bnb.nf4", ...) are accepted too.
-QUANT_MODES = ("int8", "nf4", "nf4-dq", "fp4", "fp4-dq", "none")
+QUANT_MODES = ("int8", "nf4", "nf4-dq", "fp4", "fp4-dq", "gguf", "none")
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Weights per 4-bit scale. 64 is bitsandbytes' default. With double quantization a scale costs 8
 # bits instead of 32, so 32-weight blocks cost 4.25 bits per weight, less than nf4's 4.5, and measured
 # better than it (SmolLM2-135M perplexity, README): the -dq modes use them.
 DEFAULT_BLOCKSIZE = 64
 DEFAULT_BLOCKSIZE_DOUBLE_QUANT = 32
+# gguf mode keeps ggml's blocks: 32 weights per scale.
+GGUF_BLOCKSIZE = GROUP_SIZE
 # Elements quantized per step: bounds the transient (about 8 bytes per element for int8, 10 for
 # 4-bit) to a few MB whatever the layer's size; a 1 MB float32 chunk stays in a core's L2 cache,
 # which measured twice as fast as 4 MB chunks.
@@ -46,6 +50,10 @@ HEAD_MODE = "int8"
 # quantized mode. Loading and pre-baking both resolve None here, so that a folder baked at defaults
 # holds the model a load at defaults builds.
 QUANTIZE_HEAD_DEFAULT = True
+# Why a gguf QuantConfig reaches no quantizer, pre-baked folder or export.
+GGUF_QUANTIZES_NOTHING = ("quant mode 'gguf' quantizes nothing: it packs a GGUF file's Q4_0/Q4_1 weights at load, "
+                          "for the kernel of the machine it runs on, so it cannot be pre-baked or exported; load the "
+                          ".gguf file with --quant gguf, or choose int8, nf4, nf4-dq, fp4 or fp4-dq")
 
 
 class NonFiniteWeightError(ValueError):
@@ -56,7 +64,9 @@ class NonFiniteWeightError(ValueError):
 class QuantConfig:
     """How linear weights are quantized.
 
-    mode: "int8" (LLM.int8(), `Linear8bitLt`), "nf4" or "fp4" (`Linear4bit`), or "none".
+    mode: "int8" (LLM.int8(), `Linear8bitLt`), "nf4" or "fp4" (`Linear4bit`), "gguf" (a GGUF file's
+        Q4_0 / Q4_1 block weights as stored, through torch's int4pack kernel: int4pack.py; it
+        quantizes nothing itself), or "none".
     double_quant: 4-bit only: quantize the per-block scales too (4.127 instead of 4.5 bits/weight).
     int8_threshold: LLM.int8()'s outlier threshold on activations (0 disables the fp16 outlier path).
     blocksize: 4-bit only: weights per scale.
@@ -84,6 +94,7 @@ class QuantConfig:
 
     @property
     def is_4bit(self) -> bool:
+        """bitsandbytes' 4-bit modes (gguf's 4-bit blocks are torch's int4pack layers, not these)."""
         return self.mode in ("nf4", "fp4")
 
     def head_config(self) -> QuantConfig:
@@ -110,7 +121,8 @@ def parse_quant_mode(mode: str, int8_threshold: float = 6.0, blocksize: int | No
                      quantize_head: bool | None = False) -> QuantConfig:
     """A QuantConfig from a --quant value (`int8`, `nf4-dq`, litgpt's `bnb.nf4`, ...).
 
-    blocksize: 4-bit weights per scale; None takes 64, or 32 for the double-quantized modes.
+    blocksize: 4-bit weights per scale; None takes 64, or 32 for the double-quantized modes and for
+    gguf, which keeps ggml's 32-weight blocks and takes no other.
     quantize_head: None, what a user who did not say gets, takes QUANTIZE_HEAD_DEFAULT; the head is
     never quantized in mode none.
     """
@@ -119,7 +131,8 @@ def parse_quant_mode(mode: str, int8_threshold: float = 6.0, blocksize: int | No
                          "(litgpt's bnb.int8, bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq are accepted too)")
     kind, _, dq = mode.removeprefix("bnb.").partition("-")
     if blocksize is None:
-        blocksize = DEFAULT_BLOCKSIZE_DOUBLE_QUANT if dq == "dq" else DEFAULT_BLOCKSIZE
+        blocksize = (GGUF_BLOCKSIZE if kind == "gguf" else DEFAULT_BLOCKSIZE_DOUBLE_QUANT if dq == "dq"
+                     else DEFAULT_BLOCKSIZE)
     head = (QUANTIZE_HEAD_DEFAULT if quantize_head is None else bool(quantize_head)) and kind != "none"
     cfg = QuantConfig(mode=kind, double_quant=dq == "dq", int8_threshold=float(int8_threshold),
                       blocksize=int(blocksize), quantize_head=head, head_mode=HEAD_MODE if head else None)
@@ -128,12 +141,14 @@ def parse_quant_mode(mode: str, int8_threshold: float = 6.0, blocksize: int | No
 
 
 def check_config(cfg: QuantConfig) -> None:
-    if cfg.mode not in ("int8", "nf4", "fp4", "none"):
-        raise ValueError(f"quant mode {cfg.mode!r} is not int8, nf4, fp4 or none")
+    if cfg.mode not in ("int8", "nf4", "fp4", "gguf", "none"):
+        raise ValueError(f"quant mode {cfg.mode!r} is not int8, nf4, fp4, gguf or none")
     if cfg.double_quant and not cfg.is_4bit:
         raise ValueError(f"double quantization applies to nf4/fp4, not {cfg.mode}")
     if cfg.blocksize not in BLOCKSIZES_4BIT:
         raise ValueError(f"blocksize {cfg.blocksize} is not one of {BLOCKSIZES_4BIT}")
+    if cfg.mode == "gguf" and cfg.blocksize != GGUF_BLOCKSIZE:
+        raise ValueError(f"blocksize: quant 'gguf' keeps ggml's {GGUF_BLOCKSIZE}-weight blocks, got {cfg.blocksize}")
     if cfg.head_mode not in (None, HEAD_MODE):
         raise ValueError(f"head_mode {cfg.head_mode!r} is not {HEAD_MODE!r} or None (the blocks' mode)")
     if not cfg.int8_threshold >= 0.0:
@@ -168,7 +183,10 @@ def quantize_weight(weight: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.T
         return quantize_int8(weight)
     if cfg.is_4bit:
         return quantize_4bit(weight, cfg)
+    if cfg.mode == "gguf":
+        raise ValueError(GGUF_QUANTIZES_NOTHING)
     raise ValueError(f"quant mode {cfg.name!r} does not quantize")
+
 
 
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -273,6 +291,8 @@ def expected_quantized_tensors(out_features: int, in_features: int, cfg: QuantCo
                                ) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
     """The tensors quantize_weight produces for a weight of this shape: name -> (shape, dtype);
     shape None where it varies (the packed JSON of the 4-bit state)."""
+    if cfg.mode == "gguf":
+        raise ValueError(GGUF_QUANTIZES_NOTHING)
     numel = out_features * in_features
     if cfg.mode == "int8":
         return {"weight": ((out_features, in_features), torch.int8), "SCB": ((out_features,), torch.float32)}
@@ -308,9 +328,13 @@ def check_packed_quant_state(tensors: dict[str, torch.Tensor], out_features: int
     return None
 
 
-def quantized_weight_bytes(out_features: int, in_features: int, cfg: QuantConfig) -> int:
+def quantized_weight_bytes(out_features: int, in_features: int, cfg: QuantConfig,
+                           scales: torch.dtype = torch.float32) -> int:
     """Bytes a quantized [out_features, in_features] weight occupies, scales and code books included
-    (the few hundred bytes of a 4-bit layer's packed JSON state excepted)."""
+    (the few hundred bytes of a 4-bit layer's packed JSON state excepted); scales: the dtype a gguf
+    layer's scales take (int4pack.scale_dtype), unused in the other modes."""
+    if cfg.mode == "gguf":
+        return int4pack_bytes(out_features, in_features, scales)
     return sum(math.prod(shape) * dtype.itemsize
                for shape, dtype in expected_quantized_tensors(out_features, in_features, cfg).values()
                if shape is not None)

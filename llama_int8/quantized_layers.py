@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .int4pack import Int4PackProduct
 from .model import Linear, fuse_linear
 
 # quantize first: it quiets bitsandbytes' import-time messages before bitsandbytes is imported.
@@ -407,6 +408,8 @@ def fused_product(layers: Sequence[nn.Module], int8_matmul: str = "llm.int8") ->
                 and len({(qs.quant_type, qs.blocksize) for qs in states}) == 1):
             return Gemv4bitProduct(layers)
         return None
+    if Int4PackProduct.fusable(layers):
+        return Int4PackProduct(layers)
     if type(first) is not Linear:
         return None
     return fuse_linear(layers)

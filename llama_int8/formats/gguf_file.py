@@ -8,6 +8,10 @@ their q/k rows are already in Meta's interleaved rotary layout and are used as t
 Hugging Face folder's are. A Mixtral is a `llama` file with `expert_count`: its routers are
 `ffn_gate_inp`, and each block's experts are stacked in one tensor per weight (`ffn_gate_exps`, ...),
 dequantized one expert at a time.
+
+For quant mode gguf the block linear weights stored Q4_0 or Q4_1 come undequantized, as ggml's
+blocks (q4_linear_weights), and tensors() leaves them out; rows of blocks move whole, so a half-split
+file's q/k rows are brought to Meta's layout exactly.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from ..int4pack import BLOCK_BYTES
 from ..model import ModelArgs, rope_inverse_frequencies
 from ..tokenizer import END_OF_TURN_TOKENS, FastTokenizer, Tokenizer, TokenizerError
 from .common import Checkpoint, CheckpointError, NamedTensor, to_interleaved_layout, to_meta_name
@@ -44,6 +49,8 @@ GGUF_LAYER_KEY = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 GGUF_EXPERTS_KEY = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
 GGUF_EXPERT_WEIGHTS = {"gate": "w1", "up": "w3", "down": "w2"}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's rope scaling, stored as per-frequency divisors
+# The block linear weights by Meta's name: what quant mode gguf serves packed when stored Q4_0 / Q4_1.
+BLOCK_LINEAR_WEIGHT = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.(experts\.\d+\.)?w[123])\.weight")
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6
@@ -62,6 +69,26 @@ GGUF_ARCHITECTURES = {"llama": GGUFArchitecture(), "qwen2": GGUFArchitecture(qkv
                       "qwen3": GGUFArchitecture(qk_norm=True, half_split_rotary=True)}
 
 
+class StoredTensor(NamedTuple):
+    """One tensor of the file (or one expert of a stack), under Meta's name, as ggml stores it."""
+
+    name: str  # Meta's parameter name
+    tensor: Any  # the reader's tensor: its ggml type and name
+    data: np.ndarray  # its bytes or values, memory-mapped
+    shape: tuple[int, ...]  # in Meta's orientation ([out, in] for a linear weight)
+
+
+@dataclass
+class Q4Weight:
+    """A block linear weight stored Q4_0 or Q4_1, not dequantized."""
+
+    name: str  # Meta's parameter name, e.g. "layers.0.attention.wq.weight"
+    kind: str  # "Q4_0" or "Q4_1"
+    blocks: np.ndarray  # uint8 [out, in / 32 * bytes per block]: each row's 32-weight blocks in turn
+    shape: tuple[int, int]  # [out, in]
+    source: str
+
+
 class GGUFCheckpoint(Checkpoint):
     """A GGUF file, parsed once: the reader serves the configuration, the tensors and the tokenizer."""
 
@@ -78,11 +105,24 @@ class GGUFCheckpoint(Checkpoint):
         self.args = gguf_model_args(self.reader, path)
         self.architecture = GGUF_ARCHITECTURES[metadata(self.reader, "general.architecture")]
 
-    def tensors(self) -> Iterator[NamedTensor]:
-        tensors = read_gguf_tensors(self.reader, self.location)
+    def tensors(self, leave_out_q4_linears: bool = False) -> Iterator[NamedTensor]:
+        """Every tensor dequantized to float32; with leave_out_q4_linears, all but the block linear
+        weights stored Q4_0 or Q4_1 (those q4_linear_weights gives)."""
+        tensors = read_gguf_tensors(self.reader, self.location, leave_out_q4_linears)
         if not self.architecture.half_split_rotary:
             return tensors
         return (NamedTensor(t.name, to_interleaved_layout(t.name, t.tensor, self.args), t.source) for t in tensors)
+
+    def q4_linear_weights(self) -> Iterator[Q4Weight]:
+        """The block linear weights stored Q4_0 or Q4_1, as ggml's blocks, one at a time (Mixtral's
+        experts one expert at a time); a half-split file's q/k rows moved to Meta's layout."""
+        for stored in stored_tensors(self.reader, self.location):
+            if not is_q4_linear(stored):
+                continue
+            blocks = stored.data
+            if self.architecture.half_split_rotary:  # a copy: the memory map is read-only
+                blocks = to_interleaved_layout(stored.name, torch.from_numpy(blocks.copy()), self.args).numpy()
+            yield Q4Weight(stored.name, stored.tensor.tensor_type.name, blocks, stored.shape, str(self.location))
 
     def tokenizer(self, tokenizer_path: str | Path | None = None) -> Tokenizer:
         """The given tokenizer, else the one rebuilt from the file's own vocabulary."""
@@ -180,9 +220,21 @@ def gguf_to_meta_name(name: str) -> str | None:
     return to_meta_name(name, GGUF_TOP_NAMES, GGUF_LAYER_KEY, GGUF_LAYER_NAMES)
 
 
-def read_gguf_tensors(reader, path: Path) -> Iterator[NamedTensor]:
+def read_gguf_tensors(reader, path: Path, leave_out_q4_linears: bool = False) -> Iterator[NamedTensor]:
     """Each tensor dequantized to float32, in Meta's [out, in] orientation, one at a time; a stack of
-    Mixtral experts one expert at a time."""
+    Mixtral experts one expert at a time; with leave_out_q4_linears, all but the block linear weights
+    stored Q4_0 or Q4_1."""
+    for stored in stored_tensors(reader, path):
+        if not (leave_out_q4_linears and is_q4_linear(stored)):
+            yield NamedTensor(stored.name, dequantized(stored.tensor, stored.data, stored.shape, path), str(path))
+
+
+def is_q4_linear(stored: StoredTensor) -> bool:
+    return stored.tensor.tensor_type.name in BLOCK_BYTES and BLOCK_LINEAR_WEIGHT.fullmatch(stored.name) is not None
+
+
+def stored_tensors(reader, path: Path) -> Iterator[StoredTensor]:
+    """Each tensor under Meta's name, as stored; a stack of Mixtral experts one expert at a time."""
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
             continue  # folded into ModelArgs.rope_scaling
@@ -191,14 +243,13 @@ def read_gguf_tensors(reader, path: Path) -> Iterator[NamedTensor]:
         experts = GGUF_EXPERTS_KEY.fullmatch(t.name)
         if experts:
             layer, weight = experts.group(1), GGUF_EXPERT_WEIGHTS[experts.group(2)]
-            for e in range(shape[0]):  # [experts, out, in]: a float32 copy of one expert at a time
-                yield NamedTensor(f"layers.{layer}.feed_forward.experts.{e}.{weight}.weight",
-                                  dequantized(t, t.data[e], shape[1:], path), str(path))
+            for e in range(shape[0]):  # [experts, out, in]
+                yield StoredTensor(f"layers.{layer}.feed_forward.experts.{e}.{weight}.weight", t, t.data[e], shape[1:])
             continue
         name = gguf_to_meta_name(t.name)
         if name is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (not part of a LLaMA model)")
-        yield NamedTensor(name, dequantized(t, t.data, shape, path), str(path))
+        yield StoredTensor(name, t, t.data, shape)
 
 
 def dequantized(t, data: np.ndarray, shape: tuple[int, ...], path: Path) -> torch.Tensor:
