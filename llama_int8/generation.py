@@ -53,8 +53,9 @@ class Llama:
         replace the base's, PEFT LoRA adapters) merged in order before quantizing; delta lists
         folders added to the weights (base + delta). See formats/stack.py; the tokenizer is the base's.
 
-        quant: int8 (LLM.int8()), nf4, nf4-dq, fp4, fp4-dq or none; the linear layers of the blocks
-        are quantized on the host as they are read, and only their quantized bytes reach the device.
+        quant: int8 (LLM.int8()), nf4, nf4-dq, fp4, fp4-dq, gguf or none; the linear layers of the blocks
+        are quantized on the host as they are read, and only their quantized bytes reach the device;
+        gguf packs a GGUF file's Q4_0/Q4_1 block weights as they are stored (int4pack.py).
         quantize_head: quantize the output head too, int8 in every mode, a head tied to the embedding
         as one table the embedding reads its rows from; None (the default) does so in the quantized
         modes, False keeps the head and embedding 16-bit as the checkpoint has them. A pre-baked folder (quantize_offline.py) loads in the mode
@@ -280,6 +281,9 @@ def quantization_to_load(checkpoint: Checkpoint, requested: QuantConfig, quant: 
     stored = checkpoint.quant
     if stored is None:
         return requested
+    if requested.mode == "gguf":  # its layers are a GGUF file's, repacked: never another mode's
+        raise ValueError(f"quant='gguf' serves the Q4_0/Q4_1 weights of a GGUF file as they are stored, but "
+                         f"{checkpoint.location} was quantized offline to {stored.name}: load it without --quant gguf")
     if stored.name != requested.name:
         log.warning("%s was quantized offline to %s: loading it as it is (quant=%r ignored)",
                     checkpoint.location, stored.name, quant)

@@ -308,3 +308,8 @@ def test_packed_4bit_state_disagreeing_with_the_manifest(meta_source, tmp_path):
     with pytest.raises(CheckpointError, match="blocksize") as info:
         Llama.build(out, device="cpu", max_seq_len=8, verify=False)
     assert str(shard) in str(info.value) and "layers.1.feed_forward.w3" in str(info.value)
+
+
+def test_quant_gguf_is_refused_for_a_prebaked_folder(baked_int8):
+    with pytest.raises(ValueError, match="quant='gguf' serves .* quantized offline to int8"):
+        Llama.build(baked_int8, quant="gguf", max_seq_len=16, device="cpu")
