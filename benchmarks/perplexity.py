@@ -66,8 +66,13 @@ def score(logits: Logits, texts: dict[str, list[int]], window: int) -> dict[str,
     return {**per_text, "all": math.exp(total / count)}
 
 
-def ours_logits(llm: Llama) -> Logits:
-    return lambda ids: llm.model(ids.to(llm.model.device), 0)
+def ours_logits(llm: Llama, one_at_a_time: bool = False) -> Logits:
+    """Our logits for a window in one forward pass, or one_at_a_time: token by token through the KV
+    cache, each position computed as a decode step computes it."""
+    model = llm.model
+    if not one_at_a_time:
+        return lambda ids: model(ids.to(model.device), 0)
+    return lambda ids: torch.cat([model(ids[:, i:i + 1].to(model.device), i) for i in range(ids.shape[1])], dim=1)
 
 
 def transformers_logits(model) -> Logits:
@@ -81,9 +86,12 @@ def transformers_weight_bytes(model) -> int:
 def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: str | tuple = DEFAULT_TEXTS,
          window: int = 1024, device: str | None = None, dtype: str | None = None, int8_threshold: float = 6.0,
          quantize_head: str | bool | None = None, kv_cache: str | tuple = "model", join: bool = False,
-         compare: str | None = None, json: bool = False) -> None:
+         compare: str | None = None, int8_matmul: str | tuple = "llm.int8", json: bool = False) -> None:
     """Perplexity of the texts in text_file (comma-separated) for each mode in quant (comma-separated);
     --compare transformers adds HF + bitsandbytes (with the same int8_threshold).
+
+    int8_matmul: Llama.build's, or both comma-separated (int8 scored with each); weight_only scores
+    token by token, as decoding runs it (a window's forward pass would take LLM.int8()'s product).
 
     quantize_head: Llama.build's (None: quantized in the quantized modes); "both" scores each
     quantized mode twice, with a 16-bit and with a quantized head, to show what the head costs.
@@ -106,16 +114,21 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
     rows = []
     texts: dict[str, list[int]] = {}
     kinds = comma_list(kv_cache)
-    runs = [(mode, head, kind) for mode in modes for head in head_choices(quantize_head, mode) for kind in kinds]
-    for mode, head, kind in tqdm(runs, desc="Modes", unit="mode"):
+    matmuls = comma_list(int8_matmul)
+    runs = [(mode, head, kind, matmul) for mode in modes for head in head_choices(quantize_head, mode)
+            for kind in kinds for matmul in (matmuls if mode == "int8" else matmuls[:1])]
+    for mode, head, kind, matmul in tqdm(runs, desc="Modes", unit="mode"):
         llm = Llama.build(source, max_seq_len=window, quant=mode, device=device, dtype=dtype,
-                          int8_threshold=int8_threshold, quantize_head=head, kv_cache=kind)
+                          int8_threshold=int8_threshold, quantize_head=head, kv_cache=kind, int8_matmul=matmul)
         if not texts:  # every mode shares the checkpoint's tokenizer: encode once
             texts = encode_texts(llm, paths, join)
         model_dtype = llm.model.norm.weight.dtype  # the activations' (a quantized embedding has int8 rows)
         dev = llm.model.device
-        rows.append({"engine": "llama_int8", "quant": mode, "head": head_name(llm), "KV cache": kind,
-                     **score(ours_logits(llm), texts, window), "weights MiB": weight_bytes(llm.model) / 2**20})
+        weight_only = mode == "int8" and matmul == "weight_only"
+        rows.append({"engine": "llama_int8" + (", weight_only" if weight_only else ""), "quant": mode,
+                     "head": head_name(llm), "KV cache": kind,
+                     **score(ours_logits(llm, one_at_a_time=weight_only), texts, window),
+                     "weights MiB": weight_bytes(llm.model) / 2**20})
         del llm
         gc.collect()
         if compare == "transformers" and head is not True and kind == kinds[0]:
@@ -128,7 +141,9 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", text_file: st
             gc.collect()
     for r in rows:  # each engine (and KV cache) against its own float baseline, when it ran one
         same = [b for b in rows if b["engine"] == r["engine"] and b.get("KV cache") == r.get("KV cache")]
-        baseline = next((b["all"] for b in same if b["quant"] == "none"), None)
+        family = [b for b in rows if b["engine"].split(",")[0] == r["engine"].split(",")[0]
+                  and b.get("KV cache") == r.get("KV cache")]  # ours, whatever its int8 product
+        baseline = next((b["all"] for b in family if b["quant"] == "none"), None)
         r["all vs none"] = None if baseline is None else f"{r['all'] / baseline - 1:+.2%}"
         float_head = next((b["all"] for b in same if b["quant"] == r["quant"] and b["head"] != "quantized"), None)
         r["head's cost"] = (f"{r['all'] / float_head - 1:+.2%}" if r["head"] == "quantized" and float_head

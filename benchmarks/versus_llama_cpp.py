@@ -29,7 +29,8 @@ from llama_int8.model import ModelArgs
 RUNNER = Path(__file__).with_name("llama_cpp_runner.py")
 CACHE = Path.home() / ".cache" / "llama_int8" / "llama_cpp"
 # llama.cpp's type for each of our modes: the same number of bits per weight, or the nearest below.
-LLAMA_CPP_TYPES = {"none": "F32", "int8": "Q8_0", "nf4": "Q4_0", "nf4-dq": "Q4_0", "fp4": "Q4_0", "fp4-dq": "Q4_0"}
+LLAMA_CPP_TYPES = {"none": "F32", "int8": "Q8_0", "nf4": "Q4_0", "nf4-dq": "Q4_0", "fp4": "Q4_0", "fp4-dq": "Q4_0",
+                   "gguf": "Q4_0"}
 
 
 def llama_cpp_python(given: str | None) -> str:

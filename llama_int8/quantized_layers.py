@@ -279,8 +279,8 @@ INT8_MATMULS = ("llm.int8", "weight_only")
 # Rows up to which the weight-only product is faster than LLM.int8()'s _int_mm (README: measured
 # crossover); above it the step takes LLM.int8() as the default mode does.
 WEIGHT_ONLY_MAX_ROWS = 4
-# Outlier weight columns an int8 product keeps dequantized (see Int8Product.outlier_weights), in all:
-# at most this many times its output size in values (a column of the head's is its vocabulary).
+# Outlier weight columns an int8 product keeps dequantized (see Int8Product.outlier_weights): at most
+# this many times its output size in values (a column of the head's is its vocabulary).
 KEPT_OUTLIER_COLUMNS = 16
 # Rows of the bfloat16 output a 4-bit product keeps from call to call (Gemv4bitProduct.output).
 KEPT_OUTPUT_ROWS = 8
@@ -311,8 +311,7 @@ class Int8Product:
         self.bias = fused_bias(layers)
         self.weight_only_rows = WEIGHT_ONLY_MAX_ROWS if weight_only else 0
         self.scales = (scb * INT8_WEIGHT_SCALE).to(torch.bfloat16) if weight_only else None  # [out]
-        self.kept_columns: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}  # see outlier_weights
-        self.kept_count = 0
+        self.kept_columns: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # see outlier_weights
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         if a.shape[0] <= self.weight_only_rows:
@@ -322,18 +321,18 @@ class Int8Product:
         return out if self.bias is None else out.add_(self.bias)
 
     def outlier_weights(self, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """dequantized_columns, kept once made for each set of columns: LLM.int8()'s outliers sit in
-        the same few feature columns token after token, and gathering columns of a wide matrix (the
-        head's) cost more than its whole int8 product. Sets are kept up to KEPT_OUTLIER_COLUMNS
-        columns in all."""
-        key = (tuple(cols.tolist()), dtype)
-        weights = self.kept_columns.get(key)
-        if weights is None:
-            weights = dequantized_columns(self.cb_t, self.scb, cols, dtype)
-            if self.kept_count + len(cols) <= KEPT_OUTLIER_COLUMNS:
-                self.kept_columns[key] = weights
-                self.kept_count += len(cols)
-        return weights
+        """dequantized_columns, each column kept once made: LLM.int8()'s outliers sit in a few
+        feature columns, token after token, in sets that vary, and gathering columns of a wide matrix
+        (the head's) costs more than its whole int8 product. Up to KEPT_OUTLIER_COLUMNS are kept."""
+        columns = []
+        for i, col in enumerate(cols.tolist()):
+            column = self.kept_columns.get((col, dtype))
+            if column is None:
+                column = dequantized_columns(self.cb_t, self.scb, cols[i:i + 1], dtype)[:, 0]  # [out]
+                if len(self.kept_columns) < KEPT_OUTLIER_COLUMNS:
+                    self.kept_columns[col, dtype] = column
+            columns.append(column)
+        return torch.stack(columns, dim=1)  # [out, n_cols]
 
 
 class Gemv4bitProduct:
