@@ -177,7 +177,8 @@ class Variant:
 
 def variants(quant: list[str], kv_cache: list[str], int8_matmul: list[str]) -> list[Variant]:
     """Every combination asked for; int8_matmul only varies for int8, the mode it applies to."""
-    return [Variant(q, k, m) for q in quant for k in kv_cache for m in (int8_matmul if q == "int8" else int8_matmul[:1])]
+    return [Variant(q, k, m) for q in quant for k in kv_cache
+            for m in (int8_matmul if q == "int8" else int8_matmul[:1])]
 
 
 def listed(value: str | int | tuple) -> list[str]:

@@ -104,7 +104,8 @@ class Int4PackProduct:
     def fusable(layers: Sequence[nn.Module]) -> bool:
         """Whether layers are Int4PackLinear layers that can share one product."""
         return (all(type(layer) is Int4PackLinear for layer in layers)
-                and len({(layer.weight.device, layer.scales_and_zeros.dtype, layer.in_features) for layer in layers}) == 1
+                and len({(layer.weight.device, layer.scales_and_zeros.dtype, layer.in_features)
+                         for layer in layers}) == 1
                 and all(layer.out_features % PACK_ROWS == 0 for layer in layers[:-1]))
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:

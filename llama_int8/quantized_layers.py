@@ -388,7 +388,8 @@ def fused_bias(layers: Sequence[nn.Module]) -> torch.Tensor | None:
     return torch.cat([layer.bias.detach() for layer in layers])
 
 
-def fused_product(layers: Sequence[nn.Module], int8_matmul: str = "llm.int8") -> Callable[[torch.Tensor], torch.Tensor] | None:
+def fused_product(layers: Sequence[nn.Module],
+                  int8_matmul: str = "llm.int8") -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A product (see above) of layers that read the same input, or None where they cannot share one
     (layers of different kinds, quantized layers off the CPU, some with a bias and some without):
     the model then calls the layers themselves. int8_matmul: one of INT8_MATMULS."""
@@ -399,7 +400,8 @@ def fused_product(layers: Sequence[nn.Module], int8_matmul: str = "llm.int8") ->
     first = layers[0]
     on_cpu = all(layer.weight.device.type == "cpu" for layer in layers)
     if on_cpu and all(type(layer) is DeviceBoundLinear8bitLt for layer in layers):
-        if len({layer.state.threshold for layer in layers}) == 1 and all(l.weight.SCB is not None for l in layers):
+        thresholds = {layer.state.threshold for layer in layers}
+        if len(thresholds) == 1 and all(layer.weight.SCB is not None for layer in layers):
             return Int8Product(layers, weight_only=int8_matmul == "weight_only")
         return None
     if on_cpu and all(type(layer) is DeviceBoundLinear4bit for layer in layers):
