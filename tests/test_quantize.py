@@ -478,8 +478,8 @@ def test_weight_only_int8_product_multiplies_bfloat16_activations_by_the_stored_
         got = weight_only(x)
         llm_int8 = layer(x)
     assert got.dtype == torch.float32
-    # Rounded twice to bfloat16's 8 bits beyond bf16's own: each row's scale, and the output.
-    assert ((got - bf16).abs() <= 2 * 2**-8 * bf16.abs() + 1e-3 * exact.abs().max()).all()
+    # Rounded once more to bfloat16's 8 bits than bf16: the product before its float32 row scale.
+    assert ((got - bf16).abs() <= 2**-8 * bf16.abs() + 1e-4 * exact.abs().max()).all()
     assert (got - exact).abs().mean() < (llm_int8 - exact).abs().mean()
 
 
