@@ -5,7 +5,7 @@ parser of flags.py, so a flag has one name, one default and one help line everyw
 
     parser = make_parser("python -m llama_int8.x", "What it does, in one line.")   # flags.py
     add_checkpoint_flags(parser)   # --ckpt_dir --tokenizer_path --delta --quant --int8_threshold --blocksize --quantize_head
-    add_runtime_flags(parser)      # --max_batch_size --max_seq_len --device --dtype --attention --sliding_window --prefill_chunk --kv_cache --no_verify
+    add_runtime_flags(parser)      # --max_batch_size --max_seq_len --device --dtype --attention --sliding_window --prefill_chunk --kv_cache --int8_matmul --no_verify
     add_sampling_flags(parser)     # --max_gen_len --temperature --top_p --repetition_penalty --seed
     run_cli(parser, main)          # flags.py
 
@@ -59,10 +59,6 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser, ckpt_required: bool = 
     group.add_argument("--int8_threshold", type=non_negative_float, metavar="X",
                        help="LLM.int8()'s outlier threshold, 0 turns the 16-bit outlier path off "
                             "(default: 6.0, or a pre-baked folder's own)")
-    group.add_argument("--int8_matmul", choices=INT8_MATMULS, default="llm.int8", metavar="KIND",
-                       help="llm.int8: LLM.int8() as bitsandbytes computes it; weight_only: steps of up to 4 rows on "
-                            "the CPU multiply bfloat16 activations by the int8 weights (faster, closer to the stored "
-                            "weights, not bitsandbytes' numbers) (default: %(default)s)")
     group.add_argument("--blocksize", type=positive_int, metavar="N",
                        help="4-bit weights per scale: 32, 64, ... 4096 (default: 64; 32 for nf4-dq and fp4-dq)")
     add_switch(group, "--quantize_head", "quantize the output head too, int8, a tied one as one table with the "
@@ -91,6 +87,10 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv_cache", choices=KV_CACHES, default="model", metavar="KIND",
                        help="model: keys and values in --dtype; int8: in int8 with a scale per position and head, "
                             "half a 16-bit cache's bytes (default: %(default)s)")
+    group.add_argument("--int8_matmul", choices=INT8_MATMULS, default="llm.int8", metavar="KIND",
+                       help="llm.int8: LLM.int8() as bitsandbytes computes it; weight_only: steps of up to 4 rows on "
+                            "the CPU multiply bfloat16 activations by the int8 weights (faster, closer to the stored "
+                            "weights, not bitsandbytes' numbers) (default: %(default)s)")
     add_switch(group, "--no_verify", "load a pre-baked folder without checking its shards' SHA-256 (default: checked)")
 
 

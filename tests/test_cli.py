@@ -125,6 +125,7 @@ def test_fire_spellings_still_parse(tmp_path):
     (["--quant", "int9"], "--quant: expected one of int8, nf4"),
     (["--dtype", "float8"], "--dtype: invalid choice"),
     (["--attention", "fast"], "--attention: invalid choice"),
+    (["--int8_matmul", "fast"], "--int8_matmul: invalid choice"),
     (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N"),
     (["--max_seq_len", "0"], "--max_seq_len: expected an integer >= 1"),
     (["--max_batch_size", "two"], "--max_batch_size: expected an integer, got 'two'"),
