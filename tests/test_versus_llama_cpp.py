@@ -22,3 +22,14 @@ def test_a_folder_written_as_gguf_reads_back_as_the_same_model(tmp_path):
     assert sorted(got) == sorted(want)
     for name, tensor in want.items():  # float16 rounding of the 2-D weights, norms exact
         torch.testing.assert_close(got[name].float(), tensor.float(), rtol=1e-3, atol=1e-4)
+
+
+def test_speed_runs_each_combination_of_modes_once_named_by_what_differs():
+    """benchmarks.speed --quant int8,nf4 --int8_matmul llm.int8,weight_only: int8 with each product,
+    nf4 once (int8_matmul applies to int8 only); rows named by what differs from the first."""
+    from benchmarks.speed import Variant, variants
+
+    runs = variants(["int8", "nf4"], ["model"], ["llm.int8", "weight_only"])
+    assert runs == [Variant("int8", "model", "llm.int8"), Variant("int8", "model", "weight_only"),
+                    Variant("nf4", "model", "llm.int8")]
+    assert [run.name(runs[0]) for run in runs] == ["llama_int8", "llama_int8, weight_only", "llama_int8, nf4"]
