@@ -15,8 +15,8 @@ import torch
 from .chat import ChatPrediction, Dialog, encode_dialog
 from .engine import DEFAULT_MAX_QUEUE, Engine
 from .formats import Checkpoint, open_checkpoint
-from .loader import (check_memory_fits, choose_attention_backend, default_device, default_dtype, load_weights,
-                     never_generate, release_page_cache)
+from .loader import (check_memory_fits, choose_attention_backend, default_device, default_dtype, gguf_packed_weights,
+                     load_weights, never_generate, release_page_cache)
 from .memory import describe_memory
 from .model import Transformer, empty_model
 from .params import (check_dialogs, check_integer, check_max_gen_len, check_one_dialog, check_prompt_tokens,
@@ -94,7 +94,8 @@ class Llama:
         args = checkpoint.args if sliding_window is None else replace(checkpoint.args, sliding_window=sliding_window)
         model = empty_model(args, backend)
         cfg = quantization_to_load(checkpoint, cfg, quant, int8_threshold)
-        check_memory_fits(model, cfg, device, dtype, max_batch_size, max_seq_len, kv_cache)
+        check_memory_fits(model, cfg, device, dtype, max_batch_size, max_seq_len, kv_cache,
+                          gguf_packed_weights(checkpoint, cfg))
         load_weights(model, checkpoint, cfg, device, dtype)
         source, sources = f"{checkpoint.format} checkpoint {checkpoint.location}", checkpoint.paths()
         del checkpoint  # closes its memory maps, so that the kernel may drop the pages they held

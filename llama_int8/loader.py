@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -47,15 +47,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def check_memory_fits(model: Transformer, cfg: QuantConfig, device: torch.device, dtype: torch.dtype,
-                      max_batch_size: int, max_seq_len: int, kv_cache: str = "model") -> None:
+                      max_batch_size: int, max_seq_len: int, kv_cache: str = "model",
+                      packed: Collection[str] | None = None) -> None:
     """Refuse, before anything is allocated, weights and a KV cache (of kind kv_cache, which is
     checked here) that need more than the device has free (the host's MemAvailable; a GPU's free
-    memory): an allocator failure, or the kernel's OOM killer, says less and comes later."""
+    memory): an allocator failure, or the kernel's OOM killer, says less and comes later. packed: as
+    expected_weight_bytes takes it."""
     cache = kv_cache_bytes(model.args, max_batch_size, max_seq_len, dtype, model.args.sliding_window, kv_cache)
     free = free_memory_bytes(device)
     if free is None:
         return
-    weights = expected_weight_bytes(model, cfg, device, dtype)
+    weights = expected_weight_bytes(model, cfg, device, dtype, packed)
     if weights + cache <= free:
         return
     advice = ("lower --max_seq_len or --max_batch_size" + (", or pass --kv_cache int8" if kv_cache == "model" else "")
@@ -91,11 +93,12 @@ def free_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-def expected_weight_bytes(model: Transformer, cfg: QuantConfig, device: torch.device, dtype: torch.dtype) -> int:
+def expected_weight_bytes(model: Transformer, cfg: QuantConfig, device: torch.device, dtype: torch.dtype,
+                          packed: Collection[str] | None = None) -> int:
     """Bytes the weights of a meta-device model will take once loaded: quantized layers as cfg
     stores them, every other parameter in dtype (a tied head counted once, as the quantized head or
-    as the embedding). In mode gguf every block linear counts as packed: a lower bound for a file
-    that stores some in other types (they load as dtype layers)."""
+    as the embedding). In mode gguf, packed names the block linear weights that load packed
+    (gguf_packed_weights); the others load as dtype layers. None: every one."""
     args = model.args
     quantized = set(quantized_layer_names(args.n_layers, cfg.quantize_head, args.n_experts)) if cfg.enabled else set()
     shared = "tok_embeddings.weight" if "output" in quantized else "output.weight"  # a tied head's other name
@@ -105,7 +108,8 @@ def expected_weight_bytes(model: Transformer, cfg: QuantConfig, device: torch.de
         module = name.removesuffix(".weight")
         if name == shared and model.args.tie_word_embeddings:
             continue
-        if module in quantized:
+        stays_float = cfg.mode == "gguf" and packed is not None and is_block_linear(name) and name not in packed
+        if module in quantized and not stays_float:
             total += quantized_weight_bytes(p.shape[0], p.shape[1], cfg.layer_config(module), scales)
         else:
             total += p.numel() * dtype.itemsize
@@ -138,10 +142,7 @@ def load_gguf_as_stored(model: Transformer, checkpoint: Checkpoint, cfg: QuantCo
     dequantized weights bit for bit); block weights stored in other types (F16, Q8_0, Q6_K...) are
     dequantized into plain dtype layers; the head is quantized as cfg says (int8 by default), and
     every other tensor loads as in mode none."""
-    if not isinstance(checkpoint, GGUFCheckpoint):
-        raise ValueError(f"quant='gguf' serves the Q4_0/Q4_1 weights of a GGUF file as they are stored, but "
-                         f"{checkpoint.location} is a {checkpoint.format} checkpoint: pass a .gguf file, or choose "
-                         "int8, nf4, nf4-dq, fp4, fp4-dq or none")
+    check_gguf(checkpoint)
     packed = 0
     for weight in tqdm(checkpoint.q4_linear_weights(), desc="Packing Q4 layers", unit="layer", leave=False):
         path = weight.name.removesuffix(".weight")
@@ -160,6 +161,22 @@ def load_gguf_as_stored(model: Transformer, checkpoint: Checkpoint, cfg: QuantCo
                     "(%d packed)", checkpoint.location, others, str(dtype).removeprefix("torch."), packed)
     fill_model(model, checkpoint.tensors(leave_out_q4_linears=True), device, dtype,
                linear_hook=head_quantizing_hook(cfg, device, dtype))
+
+
+def gguf_packed_weights(checkpoint: Checkpoint, cfg: QuantConfig) -> frozenset[str] | None:
+    """In quant mode gguf, the names of the block linear weights that load packed (those the file
+    stores Q4_0 / Q4_1), read from its tensor list alone; None in the other modes."""
+    if cfg.mode != "gguf":
+        return None
+    check_gguf(checkpoint)
+    return frozenset(checkpoint.q4_linear_names())
+
+
+def check_gguf(checkpoint: Checkpoint) -> None:
+    if not isinstance(checkpoint, GGUFCheckpoint):
+        raise ValueError(f"quant='gguf' serves the Q4_0/Q4_1 weights of a GGUF file as they are stored, but "
+                         f"{checkpoint.location} is a {checkpoint.format} checkpoint: pass a .gguf file, or choose "
+                         "int8, nf4, nf4-dq, fp4, fp4-dq or none")
 
 
 def head_quantizing_hook(cfg: QuantConfig, device: torch.device, dtype: torch.dtype) -> LinearHook | None:

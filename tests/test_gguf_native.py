@@ -224,6 +224,21 @@ def test_gguf_load_equals_the_float32_load_of_the_same_file(kind, tiny_ggufs, sp
     assert_logits_close(logits(ours, tokens), logits(reference, tokens))
 
 
+def test_the_memory_check_counts_what_loads_packed_and_what_stays_float(tiny_ggufs, sp_model, one_torch_thread):
+    """The tiny llama file keeps one block weight F16: the check before loading counts it as float32,
+    the others as packed, and so matches what loading holds."""
+    from llama_int8.formats import open_checkpoint
+    from llama_int8.loader import gguf_packed_weights
+
+    cfg = parse_quant_mode("gguf", quantize_head=False)
+    packed = gguf_packed_weights(open_checkpoint(tiny_ggufs["llama"]), cfg)
+    assert "layers.0.feed_forward.w2.weight" not in packed and "layers.0.attention.wq.weight" in packed
+    llm = Llama.build(tiny_ggufs["llama"], quant="gguf", quantize_head=False, device="cpu", dtype="float32",
+                      max_seq_len=16, tokenizer_path=sp_model)
+    expected = expected_weight_bytes(empty_model(llm.model.args), cfg, torch.device("cpu"), torch.float32, packed)
+    assert weight_bytes(llm.model) == expected
+
+
 def test_the_head_is_int8_by_default(tiny_ggufs, sp_model, one_torch_thread):
     import bitsandbytes as bnb
 

@@ -113,6 +113,10 @@ class GGUFCheckpoint(Checkpoint):
             return tensors
         return (NamedTensor(t.name, to_interleaved_layout(t.name, t.tensor, self.args), t.source) for t in tensors)
 
+    def q4_linear_names(self) -> list[str]:
+        """Meta's names of the block linear weights stored Q4_0 or Q4_1 (what quant 'gguf' packs)."""
+        return [stored.name for stored in stored_tensors(self.reader, self.location) if is_q4_linear(stored)]
+
     def q4_linear_weights(self) -> Iterator[Q4Weight]:
         """The block linear weights stored Q4_0 or Q4_1, as ggml's blocks, one at a time (Mixtral's
         experts one expert at a time); a half-split file's q/k rows moved to Meta's layout."""
