@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .formats import Checkpoint, CheckpointError, NamedTensor
-from .formats.common import check_finite, checked_tensors
+from .formats.common import check_finite, checked_tensors, is_block_linear
 from .formats.gguf_file import GGUFCheckpoint
 from .int4pack import int4pack_linear, scale_dtype
 from .memory import GiB, MiB, return_freed_host_memory
@@ -221,12 +221,6 @@ def load_quantized_layers(model: Transformer, checkpoint: Checkpoint, cfg: Quant
             set_submodule(model, layer.name, quantized)
         del layer
         return_freed_host_memory()
-
-
-def is_block_linear(name: str) -> bool:
-    """Whether name is the weight of a block's linear layer (not its bias, which stays 16-bit)."""
-    return (name.startswith("layers.") and name.endswith(".weight")
-            and (".attention.w" in name or ".feed_forward.w" in name or ".feed_forward.experts." in name))
 
 
 def tie_quantized_head(model: Transformer, head: nn.Module, dtype: torch.dtype) -> None:

@@ -167,6 +167,13 @@ HF_EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\
 META_EXPERT_KEY = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
 
 
+def is_block_linear(name: str) -> bool:
+    """Whether name (Meta's) is the weight of a block's linear layer, a Mixtral expert's included (not
+    its bias, which stays 16-bit, nor a router's, which is not quantized)."""
+    return (name.startswith("layers.") and name.endswith(".weight")
+            and (".attention.w" in name or ".feed_forward.w" in name or ".feed_forward.experts." in name))
+
+
 def hf_to_meta_name(key: str) -> str | None:
     expert = HF_EXPERT_KEY.fullmatch(key)
     if expert:

@@ -30,7 +30,8 @@ import torch
 from ..int4pack import BLOCK_BYTES
 from ..model import ModelArgs, rope_inverse_frequencies
 from ..tokenizer import END_OF_TURN_TOKENS, FastTokenizer, Tokenizer, TokenizerError
-from .common import Checkpoint, CheckpointError, NamedTensor, to_interleaved_layout, to_meta_name
+from .common import (Checkpoint, CheckpointError, NamedTensor, is_block_linear, to_interleaved_layout,
+                     to_meta_name)
 from .model_config import model_args_from
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ GGUF_LAYER_KEY = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 GGUF_EXPERTS_KEY = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
 GGUF_EXPERT_WEIGHTS = {"gate": "w1", "up": "w3", "down": "w2"}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's rope scaling, stored as per-frequency divisors
-# The block linear weights by Meta's name: what quant mode gguf serves packed when stored Q4_0 / Q4_1.
-BLOCK_LINEAR_WEIGHT = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.(experts\.\d+\.)?w[123])\.weight")
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6
@@ -234,7 +233,8 @@ def read_gguf_tensors(reader, path: Path, leave_out_q4_linears: bool = False) ->
 
 
 def is_q4_linear(stored: StoredTensor) -> bool:
-    return stored.tensor.tensor_type.name in BLOCK_BYTES and BLOCK_LINEAR_WEIGHT.fullmatch(stored.name) is not None
+    """Whether stored is a block linear weight (what quant mode gguf packs) stored Q4_0 or Q4_1."""
+    return stored.tensor.tensor_type.name in BLOCK_BYTES and is_block_linear(stored.name)
 
 
 def stored_tensors(reader, path: Path) -> Iterator[StoredTensor]:
