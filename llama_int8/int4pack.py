@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .model import fused_bias, member_rows
+
 GROUP_SIZE = 32  # ggml's block: one scale (and zero) per 32 weights along the input
 # Bytes of one block by ggml type: fp16 d (and fp16 m for Q4_1), then 16 bytes of nibbles.
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
@@ -92,13 +94,10 @@ class Int4PackProduct:
         else:
             self.packed = torch.cat([layer.weight for layer in layers])
             self.scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)
-            start = 0
-            for layer in layers:  # views of the fused tensors; the layers' own are freed here
-                rows = slice(start, start + layer.out_features)
+            for layer, rows in zip(layers, member_rows(layers)):  # views; the layers' own tensors are freed
                 layer.weight = self.packed[rows]
                 layer.scales_and_zeros = self.scales_and_zeros[:, rows]
-                start = rows.stop
-        self.bias = None if layers[0].bias is None else torch.cat([layer.bias.detach() for layer in layers])
+        self.bias = fused_bias(layers)
 
     @staticmethod
     def fusable(layers: Sequence[nn.Module]) -> bool:

@@ -124,16 +124,28 @@ class LinearProduct:
             self.weight = layers[0].weight.detach()
         else:
             self.weight = torch.cat([layer.weight.detach() for layer in layers])
-            start = 0
-            for layer in layers:
-                rows = layer.weight.shape[0]
-                layer.weight = nn.Parameter(self.weight[start:start + rows], requires_grad=layer.weight.requires_grad)
-                start += rows
-        biases = [layer.bias for layer in layers]
-        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+            for layer, rows in zip(layers, member_rows(layers)):
+                layer.weight = nn.Parameter(self.weight[rows], requires_grad=layer.weight.requires_grad)
+        self.bias = fused_bias(layers)
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         return linear(a, self.weight, self.bias)
+
+
+def member_rows(layers: Sequence[nn.Module]) -> list[slice]:
+    """The rows (output columns) each of layers takes in a product of them all, in order."""
+    rows, start = [], 0
+    for layer in layers:
+        rows.append(slice(start, start + layer.out_features))
+        start += layer.out_features
+    return rows
+
+
+def fused_bias(layers: Sequence[nn.Module]) -> torch.Tensor | None:
+    """The layers' biases end to end (a small copy), or None when they have none."""
+    if layers[0].bias is None:
+        return None
+    return torch.cat([layer.bias.detach() for layer in layers])
 
 
 Product = Callable[[torch.Tensor], torch.Tensor]  # inputs [rows, in] -> outputs [rows, out], no gradients

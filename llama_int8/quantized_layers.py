@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .int4pack import Int4PackProduct
-from .model import Linear, fuse_linear
+from .model import Linear, fuse_linear, fused_bias, member_rows
 
 # quantize first: it quiets bitsandbytes' import-time messages before bitsandbytes is imported.
 from .quantize import QuantConfig, quantize_weight  # isort: skip
@@ -300,12 +300,9 @@ class Int8Product:
         else:
             cb = torch.cat([layer.weight.data for layer in layers])
             scb = torch.cat([layer.weight.SCB for layer in layers])
-            start = 0
-            for layer in layers:  # each keeps a view of its rows; its own tensors are freed here
-                rows = slice(start, start + layer.out_features)
+            for layer, rows in zip(layers, member_rows(layers)):  # views of its rows; its own tensors are freed
                 layer.weight.data = layer.weight.CB = cb[rows]
                 layer.weight.SCB = scb[rows]
-                start = rows.stop
         self.cb, self.cb_t, self.scb = cb, cb.t(), scb
         self.threshold = layers[0].state.threshold
         self.bias = fused_bias(layers)
@@ -351,13 +348,10 @@ class Gemv4bitProduct:
         self.kernel = getattr(bnb_cpu_lib, f"gemv_4bit_inference_cpu_{state.quant_type}_bf16")
         self.k, self.blocksize = layers[0].in_features, ct.c_int64(state.blocksize)
         self.n = sum(layer.out_features for layer in layers)
-        self.parts = []  # (rows of output, weight, block scales, first output column)
-        start = 0
-        for layer in layers:
-            absmax = layer.weight.quant_state.absmax
-            self.parts.append((ct.c_int64(layer.out_features), bnbf.get_ptr(layer.weight.data),
-                               bnbf.get_ptr(absmax), start * torch.bfloat16.itemsize))
-            start += layer.out_features
+        # (rows of output, weight, block scales, byte offset of its first output column)
+        self.parts = [(ct.c_int64(layer.out_features), bnbf.get_ptr(layer.weight.data),
+                       bnbf.get_ptr(layer.weight.quant_state.absmax), rows.start * torch.bfloat16.itemsize)
+                      for layer, rows in zip(layers, member_rows(layers))]
         self.held = [(layer.weight.data, layer.weight.quant_state.absmax) for layer in layers]  # the pointers' owners
         self.bias = fused_bias(layers)
         self.buffer: torch.Tensor | None = None  # see output
@@ -384,13 +378,6 @@ class Gemv4bitProduct:
             self.kernel(m, n, k, a_ptr, weight, absmax, ct.c_void_p(out_ptr + offset), self.blocksize, lda, ldc)
         out = out.to(a.dtype)
         return out if self.bias is None else out.add_(self.bias)
-
-
-def fused_bias(layers: Sequence[nn.Module]) -> torch.Tensor | None:
-    """The layers' biases end to end (a small copy), or None when they have none."""
-    if layers[0].bias is None:
-        return None
-    return torch.cat([layer.bias.detach() for layer in layers])
 
 
 def fused_product(layers: Sequence[nn.Module],
