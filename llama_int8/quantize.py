@@ -188,7 +188,6 @@ def quantize_weight(weight: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.T
     raise ValueError(f"quant mode {cfg.name!r} does not quantize")
 
 
-
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """LLM.int8()'s vector-wise quantization: per output row, q = round(w * 127 / max|w|), scale max|w|.
 

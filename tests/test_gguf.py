@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS, hf_to_meta_state, tiny_hf_model, write_hf_folder
+from conftest import CORPUS, gguf_writer, hf_to_meta_state, tiny_hf_model, write_hf_folder
 from llama_int8 import Llama
 from llama_int8.formats import CheckpointError, open_checkpoint
 from llama_int8.formats.gguf_file import GGUFCheckpoint, gguf_tokenizer
@@ -159,14 +159,7 @@ def write_tiny_gguf(path: Path, model=None, arch: str = "llama", qtype: str = "F
 
     model = model or tiny_hf_model()
     cfg = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer = gguf_writer(path, arch, cfg)
     writer.add_rope_freq_base(10000.0)
     names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output", "wq": "attn_q",
              "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate", "w2": "ffn_down",

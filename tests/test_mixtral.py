@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import assert_logits_close, head_dim, hf_greedy, hf_rope_theta, write_hf_folder
+from conftest import assert_logits_close, gguf_writer, head_dim, hf_greedy, hf_rope_theta, write_hf_folder
 from llama_int8 import Llama
 
 # Shapes the CPU 4-bit kernel accepts (out % 32 == 0, in % 64 == 0), grouped-query attention, 4 experts, top 2.
@@ -24,13 +24,7 @@ TINY_MIXTRAL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 GREEDY_STEPS = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin at every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread for many small ops
 
 
 def tiny_mixtral(seed: int = 0, **overrides):
@@ -89,14 +83,7 @@ def write_mixtral_gguf(path: Path, hf_folder: Path, qtype: str = "F32") -> Path:
     from transformers import MixtralConfig
 
     cfg = MixtralConfig.from_pretrained(hf_folder)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer = gguf_writer(path, "llama", cfg)
     writer.add_rope_freq_base(hf_rope_theta(cfg))
     writer.add_expert_count(cfg.num_local_experts)
     writer.add_expert_used_count(cfg.num_experts_per_tok)

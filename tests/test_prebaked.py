@@ -25,14 +25,7 @@ SHAPES = dict(hidden_size=64, intermediate_size=128, num_key_value_heads=2)
 TOKENS = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 64], [1, 8, 8, 120, 2, 33, 90, 11]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads made small ops up to 100x
-    slower (spinning at barriers while the other core is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread for many small ops
 
 
 @pytest.fixture(scope="module")

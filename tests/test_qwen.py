@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS, assert_logits_close, hf_greedy
+from conftest import CORPUS, assert_logits_close, gguf_writer, hf_greedy
 from llama_int8 import Llama
 from llama_int8.engine import Request
 from llama_int8.formats import CheckpointError, open_checkpoint
@@ -60,13 +60,7 @@ GGUF_NAMES = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "o
               "post_attention_layernorm": "ffn_norm", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin at every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread for many small ops
 
 
 # --- Tiny Qwen checkpoints -------------------------------------------------------------------------
@@ -124,18 +118,9 @@ def write_qwen_gguf(model, path: Path, tokenizer: Path) -> Path:
     """The model as llama.cpp's converter writes a qwen2 / qwen3 GGUF: Hugging Face's q/k rows as
     they are (llama.cpp rotates them NEOX-style), no output.weight for a tied head, the vocabulary
     with its merges and special tokens as control tokens."""
-    import gguf
-
     cfg = model.config
     arch = cfg.model_type
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer = gguf_writer(path, arch, cfg)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_vocab_size(cfg.vocab_size)
     if arch == "qwen3":
