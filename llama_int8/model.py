@@ -88,8 +88,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused kernel, no copies
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Normalize in float32: half-precision sums of squares lose the small activations.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # The kernel sums the squares of 16-bit inputs in float32 and rounds once; the weight multiplies
+        # the rounded result, in x's dtype, as Hugging Face's LLaMA does.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class Linear(nn.Linear):
@@ -708,6 +709,8 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)  # [b, s, h + kv_h, d]
         if self.rotate is apply_rotary and qk.dtype == torch.float32:
             rotate_in_place(qk, rotation)  # q's and k's heads in one rotation, inside the product
+        elif self.rotate is apply_rotary:
+            qk.copy_(rotate_in_place(qk.float(), rotation))  # rotated in float32, written back into it
         else:
             qk = self.rotate(qk, rotation)
         return qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv_h:]

@@ -367,16 +367,15 @@ class Gemv4bitProduct:
         return self.buffer
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
-        rows = a.shape[0]
-        a16 = a.to(torch.bfloat16)
-        if not a16.is_contiguous():
-            a16 = a16.contiguous()
+        rows, bf16 = a.shape[0], a.dtype == torch.bfloat16
+        a16 = a.contiguous() if bf16 else a.to(torch.bfloat16).contiguous()
         out = self.output(rows, a.dtype)
-        m, k, lda, ldc = ct.c_int64(rows), ct.c_int64(self.k), ct.c_int64(a16.stride(0)), ct.c_int64(self.n)
-        a_ptr, out_ptr = bnbf.get_ptr(a16), out.data_ptr()
+        m, k, lda, ldc = ct.c_int64(rows), ct.c_int64(self.k), ct.c_int64(self.k), ct.c_int64(self.n)
+        a_ptr, out_ptr = a16.data_ptr(), out.data_ptr()
         for n, weight, absmax, offset in self.parts:
-            self.kernel(m, n, k, a_ptr, weight, absmax, ct.c_void_p(out_ptr + offset), self.blocksize, lda, ldc)
-        out = out.to(a.dtype)
+            self.kernel(m, n, k, ct.c_void_p(a_ptr), weight, absmax, ct.c_void_p(out_ptr + offset), self.blocksize, lda, ldc)
+        if not bf16:
+            out = out.to(a.dtype)
         return out if self.bias is None else out.add_(self.bias)
 
 
