@@ -7,7 +7,7 @@ import torch
 
 from conftest import assert_logits_close, hf_greedy, tiny_hf_model, write_hf_folder, write_meta_folder
 from llama_int8 import Llama
-from llama_int8.model import ONEDNN_LINEAR, Linear, attend, attend_rows
+from llama_int8.model import ONEDNN_LINEAR, Linear, RMSNorm, attend, attend_rows
 
 CONFIGS = {
     "mha": dict(num_key_value_heads=4),
@@ -113,6 +113,25 @@ def test_rows_attended_together_equal_each_row_alone(backend):
     for i, n in enumerate(lengths):
         alone = attend(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], None, "math")
         torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_16_bit_rms_norm_rounds_where_hugging_face_does(dtype):
+    """A 16-bit RMSNorm sums squares in float32, rounds the normalized activations once to 16 bits and
+    multiplies them by the weight there, as transformers' LlamaRMSNorm does; only the order of the
+    float32 sums may differ, so no element is off by more than one 16-bit step."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 2048, generator=g) * torch.rand(64, 1, generator=g) * 20).to(dtype)
+    weight = (1 + 0.3 * torch.randn(2048, generator=g)).to(dtype)
+    ours, theirs = RMSNorm(2048, eps=1e-5).to(dtype), LlamaRMSNorm(2048, eps=1e-5).to(dtype)
+    ours.weight.data, theirs.weight.data = weight.clone(), weight.clone()
+    with torch.no_grad():
+        got, want = ours(x), theirs(x)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    assert (got != want).float().mean() < 1e-3
 
 
 def test_flash_refused_where_unusable(tmp_path, sp_model):

@@ -269,14 +269,16 @@ def test_cpu_fast_forward_equals_bitsandbytes_forward(mode, threshold, dtype, ro
 
 @pytest.mark.parametrize("mode, threshold", [("int8", 6.0), ("int8", 0.05), ("nf4", 0.0), ("fp4", 0.0)])  # 0.05: outliers
 @pytest.mark.parametrize("batch, seq", [(1, 1), (2, 5)])
-def test_products_compute_bitsandbytes_numbers(mode, threshold, batch, seq, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_products_compute_bitsandbytes_numbers(mode, threshold, batch, seq, dtype, monkeypatch):
     """fused_product gives each block one product for wq/wk/wv, one for w1/w3 and one for each other
     layer (int8: one matrix holding the members' rows, each layer's weight a view of it, no byte
     twice); the model's logits, prefill and decode, equal those of bitsandbytes' own forward in every
-    layer, bit for bit."""
-    model = quantized_tiny_model(parse_quant_mode(mode, threshold), torch.float32)
+    layer, bit for bit, in a float32 model and in a bfloat16 one (q and k rotated inside the product
+    there too)."""
+    model = quantized_tiny_model(parse_quant_mode(mode, threshold), dtype)
     model.fuse_projections(quantized_layers.fused_product)
-    model.setup_caches(batch, 16, torch.float32, "cpu")
+    model.setup_caches(batch, 16, dtype, "cpu")
     kind = quantized_layers.Int8Product if mode == "int8" else quantized_layers.Gemv4bitProduct
     for block in model.layers:
         attention, ffn = block.attention, block.feed_forward
@@ -289,12 +291,16 @@ def test_products_compute_bitsandbytes_numbers(mode, threshold, batch, seq, monk
                 assert all(m.weight.data.untyped_storage().data_ptr() == product.cb.untyped_storage().data_ptr()
                            for m in members)
     tokens = torch.randint(0, TINY_ARGS.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(2))
+    # Random weights this small leave attention near uniform, so the logits hardly see a rotation:
+    # q, k and v are compared too, at positions where the rotation is far from the identity.
+    x = torch.randn(batch, seq, TINY_ARGS.dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    rotation, attention = model.rope[7:7 + seq, None], model.layers[0].attention
     with torch.inference_mode():
-        ours = [model(tokens, 0), model(tokens[:, :1], seq)]  # a prefill, then one decode step
+        ours = [model(tokens, 0), model(tokens[:, :1], seq), *attention.fused_qkv(x, rotation)]
         model.fuse_projections(lambda layers: None)  # the layers themselves, through bitsandbytes' forwards
         monkeypatch.setattr(quantized_layers.DeviceBoundLinear8bitLt, "forward", bnb.nn.Linear8bitLt.forward)
         monkeypatch.setattr(quantized_layers.DeviceBoundLinear4bit, "forward", bnb.nn.Linear4bit.forward)
-        reference = [model(tokens, 0), model(tokens[:, :1], seq)]
+        reference = [model(tokens, 0), model(tokens[:, :1], seq), *attention.separate_qkv(x, rotation)]
     for got, want in zip(ours, reference):
         assert torch.equal(got, want)
 
