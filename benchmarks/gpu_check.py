@@ -1,6 +1,7 @@
 """The prepared check for a GPU: the gpu-marked tests, the vram benchmark's measured table, the speed
-benchmark (int8 and nf4 at batch 1 and 8, with the share of memory bandwidth), and greedy tokens and
-logits on CUDA against the CPU, in under 8 minutes, written as one Markdown report.
+benchmark (int8 and nf4 at batch 1 and 8, with the share of memory bandwidth; nf4 with its decode
+steps replayed from CUDA graphs and without), and greedy tokens and logits on CUDA against the CPU,
+in under 8 minutes, written as one Markdown report.
 
     python -m benchmarks.gpu_carry                      # once, where a package registry is reachable
     python3 -m benchmarks.gpu_check                     # on the GPU machine, in the working tree's root
@@ -58,13 +59,13 @@ class Settings:
     vram_modes: tuple[str, ...] = ("none", "int8", "nf4")
     vram_seq_len: int = 2048
     vram_measure: bool = True
-    vram_s: float = 45
+    vram_s: float = 40
     speed_modes: tuple[str, ...] = ("int8", "nf4")
     speed_batch: str = "1,8"
     speed_prompt_tokens: int = 128
     speed_new_tokens: int = 32
     speed_runs: int = 3
-    speed_s: float = 50
+    speed_s: float = 60  # nf4 runs twice: with its decode steps replayed from CUDA graphs and without
     agreement_cases: str = "none:float32,int8:float32,nf4:float32,int8:default"
     agreement_prompt: str = "The capital of France is"
     agreement_new_tokens: int = 32
@@ -342,10 +343,11 @@ def build_parts(args: argparse.Namespace, settings: Settings, checkpoint: str | 
                              str(settings.vram_blocks), "--quant", mode, "--max_seq_len", str(settings.vram_seq_len),
                              f"--measure={settings.vram_measure}", "--json"), settings.vram_s)
                  for mode in settings.vram_modes)
+    graphs = "false,true" if device.startswith("cuda") else "false"  # each mode with and without, where it can
     speed = tuple(Step(mode, ("-m", "benchmarks.speed", "--ckpt_dir", checkpoint or "", "--quant", mode,
                               "--batch", settings.speed_batch, "--prompt_tokens", str(settings.speed_prompt_tokens),
                               "--new_tokens", str(settings.speed_new_tokens), "--runs", str(settings.speed_runs),
-                              "--device", device, "--json"), settings.speed_s)
+                              "--device", device, "--cuda_graph", graphs, "--json"), settings.speed_s)
                   for mode in settings.speed_modes)
     agreement = Step("cases", ("-m", "benchmarks.device_agreement", "--ckpt_dir", checkpoint or "", "--device", device,
                                "--cases", settings.agreement_cases, "--prompt", settings.agreement_prompt,

@@ -6,14 +6,16 @@
         --llama_cpp_python /path/to/llama-cpp-venv/bin/python
     python -m benchmarks.speed --quant none --batch 1 --prompt_tokens 448 --kv_cache model,int8
     python -m benchmarks.speed --quant int8,nf4 --int8_matmul llm.int8,weight_only --batch 1 --compare llama.cpp
+    python -m benchmarks.speed --quant nf4 --device cuda --cuda_graph false,true
 
 --compare llama.cpp runs llama.cpp (llama-cpp-python, in a child process started with
 --llama_cpp_python, or with this Python when it has llama_cpp) on the same weights at the same
 precision, F32 / Q8_0 / Q4_0 for none / int8 / the 4-bit modes, made by llama.cpp's own quantizer
 (see benchmarks/versus_llama_cpp.py); at batch 1 only, its single-sequence case. Several --quant,
---kv_cache or --int8_matmul values run ours once per combination, the first as "llama_int8" and each
-other beside it like an engine compared; each row of ours gives its decode and prefill speed as a
-ratio of the compared engine's.
+--kv_cache, --int8_matmul or --cuda_graph values run ours once per combination, the first as
+"llama_int8" and each other beside it like an engine compared; each row of ours gives its decode and
+prefill speed as a ratio of the compared engine's (of the first variant's when no engine is compared). --cuda_graph true replays decode steps from CUDA
+graphs (cuda_graphs.py; not for int8, whose layers wait on the host).
 
 Both engines generate greedily from the same random prompts. Prefill is the time to the first token
 (prompt forward plus the generator's setup); decode tokens/s counts the new_tokens - 1 tokens after
@@ -47,6 +49,7 @@ from benchmarks.reference import load_transformers, transformers_folder
 from llama_int8 import Llama
 from llama_int8.formats import CheckpointError
 from llama_int8.demo import demo_gguf_path
+from llama_int8.flags import parse_bool
 from llama_int8.logs import setup_logging
 from llama_int8.memory import tensor_bytes, weight_bytes
 
@@ -148,7 +151,7 @@ def build_ours(source: Path, variant: Variant, max_seq_len: int, max_batch: int,
     """Our engine on source; a GGUF our loader refuses is read from its HF export instead."""
     settings = dict(max_seq_len=max_seq_len, max_batch_size=max_batch, quant=variant.quant, device=device,
                     dtype=dtype, quantize_head=quantize_head, kv_cache=variant.kv_cache,
-                    int8_matmul=variant.int8_matmul)
+                    int8_matmul=variant.int8_matmul, cuda_graph=variant.cuda_graph)
     try:
         return Llama.build(source, **settings), source
     except CheckpointError as e:
@@ -161,24 +164,29 @@ def build_ours(source: Path, variant: Variant, max_seq_len: int, max_batch: int,
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running our engine: Llama.build's quant, kv_cache and int8_matmul."""
+    """One way of running our engine: Llama.build's quant, kv_cache, int8_matmul and cuda_graph."""
 
     quant: str
     kv_cache: str
     int8_matmul: str
+    cuda_graph: bool = False
 
     def name(self, first: Variant) -> str:
         """"llama_int8" for the first variant, else what differs from it, e.g. "llama_int8, int8 KV cache"."""
         parts = [self.quant if self.quant != first.quant else None,
                  f"{self.kv_cache} KV cache" if self.kv_cache != first.kv_cache else None,
-                 self.int8_matmul if self.int8_matmul != first.int8_matmul else None]
+                 self.int8_matmul if self.int8_matmul != first.int8_matmul else None,
+                 ("CUDA graph" if self.cuda_graph else "no CUDA graph") if self.cuda_graph != first.cuda_graph else None]
         return ", ".join(["llama_int8", *(p for p in parts if p)])
 
 
-def variants(quant: list[str], kv_cache: list[str], int8_matmul: list[str]) -> list[Variant]:
-    """Every combination asked for; int8_matmul only varies for int8, the mode it applies to."""
-    return [Variant(q, k, m) for q in quant for k in kv_cache
-            for m in (int8_matmul if q == "int8" else int8_matmul[:1])]
+def variants(quant: list[str], kv_cache: list[str], int8_matmul: list[str],
+             cuda_graph: list[bool] = (False,)) -> list[Variant]:
+    """Every combination asked for; int8_matmul only varies for int8, the mode it applies to, and
+    cuda_graph for the other modes (int8 runs without)."""
+    return [Variant(q, k, m, g) for q in quant for k in kv_cache
+            for m in (int8_matmul if q == "int8" else int8_matmul[:1])
+            for g in ([False] if q == "int8" else cuda_graph)]
 
 
 def listed(value: str | int | tuple) -> list[str]:
@@ -190,12 +198,13 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", batch: str | 
          prompt_tokens: int = 128, new_tokens: int = 64, runs: int = 5, device: str | None = None,
          dtype: str | None = None, threads: int | None = None, compare: str | None = None,
          llama_cpp_python: str | None = None, quantize_head: bool | None = None, kv_cache: str | tuple = "model",
-         int8_matmul: str | tuple = "llm.int8", json: bool = False) -> None:
+         int8_matmul: str | tuple = "llm.int8", cuda_graph: str | bool | tuple = False, json: bool = False) -> None:
     """Prefill and decode tokens/s for each batch size; --compare transformers adds HF + bitsandbytes,
     --compare llama.cpp adds llama.cpp (batch 1) run by llama_cpp_python at the first quant's precision.
-    quant, kv_cache and int8_matmul may each list several comma-separated values: ours then runs once
-    per combination (int8_matmul for int8 only), the first as "llama_int8" and each other beside it
-    like an engine compared; every row of ours gives its decode speed against the compared engine.
+    quant, kv_cache, int8_matmul and cuda_graph may each list several comma-separated values: ours
+    then runs once per combination (int8_matmul for int8 only, cuda_graph for the others), the first
+    as "llama_int8" and each other beside it like an engine compared; every row of ours gives its
+    decode speed against the compared engine.
 
     threads: CPU threads for every engine (torch's default when None). On a machine shared with
     other busy processes, 1 thread avoids threads waiting on each other at every small kernel.
@@ -211,7 +220,7 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", batch: str | 
     sizes = [int(b) for b in listed(batch)]
     source = Path(ckpt_dir) if ckpt_dir else demo_gguf_path()
     max_seq_len = prompt_tokens + new_tokens + 1
-    runs_of = variants(listed(quant), listed(kv_cache), listed(int8_matmul))
+    runs_of = variants(listed(quant), listed(kv_cache), listed(int8_matmul), [parse_bool(g) for g in listed(cuda_graph)])
     first = runs_of[0]
     llm, ours_source = build_ours(source, first, max_seq_len, max(sizes), device, dtype, quantize_head)
     ours = {first.name(first): (first, llm)}
@@ -238,21 +247,24 @@ def main(ckpt_dir: str | None = None, quant: str | tuple = "int8", batch: str | 
         if llama_cpp is not None and b == 1:
             theirs = f"llama.cpp {LLAMA_CPP_TYPES[first.quant]}"
             engines[theirs] = llama_cpp_generate(llama_cpp, prompts[0])
+        if theirs is None and len(ours) > 1:  # no other engine: the variants against the first
+            theirs = first.name(first)
         figures = measure(engines, dev, b, prompt_tokens, new_tokens, runs)
         for name, fig in figures.items():
             variant, engine = ours.get(name, (None, None))
             achieved = None if engine is None else decode_read_bytes(engine, b) * fig["steps/s"] / 1e9
             versus = figures.get(theirs) if engine is not None else None
-            rows.append({"engine": name, "quant": first.quant if variant is None else variant.quant,
-                         "KV cache": None if variant is None else variant.kv_cache, "batch": b,
-                         "prefill tok/s": fig["prefill tok/s"],
-                         "decode tok/s": fig["decode tok/s"],
-                         "weights GB/s": achieved,
-                         "of bandwidth": None if achieved is None else f"{achieved / bandwidth:.0%}",
-                         "ops/token": round(ops[name]) if name in ops and b == 1 else None,
-                         f"decode vs {theirs}": (f"{fig['decode tok/s'] / versus['decode tok/s']:.2f}x"
-                                                 if versus else None),
-                         "prefill vs it": f"{fig['prefill tok/s'] / versus['prefill tok/s']:.2f}x" if versus else None})
+            row = {"engine": name, "quant": first.quant if variant is None else variant.quant,
+                   "KV cache": None if variant is None else variant.kv_cache, "batch": b,
+                   "prefill tok/s": fig["prefill tok/s"],
+                   "decode tok/s": fig["decode tok/s"],
+                   "weights GB/s": achieved,
+                   "of bandwidth": None if achieved is None else f"{achieved / bandwidth:.0%}",
+                   "ops/token": round(ops[name]) if name in ops and b == 1 else None}
+            if theirs is not None:
+                row[f"decode vs {theirs}"] = f"{fig['decode tok/s'] / versus['decode tok/s']:.2f}x" if versus else None
+                row["prefill vs it"] = f"{fig['prefill tok/s'] / versus['prefill tok/s']:.2f}x" if versus else None
+            rows.append(row)
     read_bytes = {b: decode_read_bytes(llm, b) for b in {1, *sizes}}  # by batch size; they differ for experts
     del llm, hf, ours
     if llama_cpp is not None:

@@ -13,6 +13,7 @@ from typing import Any, TypedDict
 import torch
 
 from .chat import ChatPrediction, Dialog, encode_dialog
+from .cuda_graphs import DecodeGraphs, capture_refusal
 from .engine import DEFAULT_MAX_QUEUE, Engine
 from .formats import Checkpoint, open_checkpoint
 from .loader import (check_memory_fits, choose_attention_backend, default_device, default_dtype, gguf_packed_weights,
@@ -46,7 +47,7 @@ class Llama:
               blocksize: int | None = None,
               quantize_head: bool | None = None, delta: str | Path | list[str | Path] | None = None,
               sliding_window: int | None = None, prefill_chunk: int | None = None, kv_cache: str = "model",
-              verify: bool = True) -> Llama:
+              verify: bool = True, cuda_graph: bool = False) -> Llama:
         """Load a checkpoint (Meta, Hugging Face, GGUF or pre-baked) and its tokenizer, ready to generate.
 
         ckpt_dir may list several folders: a base, then overlays (partial checkpoints whose tensors
@@ -72,6 +73,10 @@ class Llama:
         one scale per position and key/value head, quantized as they are written and dequantized
         inside attention a chunk at a time: half a 16-bit cache's bytes plus the scales (model.Int8KVCache).
         verify: check a pre-baked folder's shard checksums (reads the folder once; on by default).
+        cuda_graph: on a CUDA device, replay each decode step of generate from a CUDA graph, captured at
+        the first step of each batch size (cuda_graphs.py); refused with the reason for a model a graph
+        cannot hold (LLM.int8() layers with an outlier threshold, mixture-of-experts blocks) and off
+        a CUDA device.
 
         Before anything is allocated, the configuration is checked (formats/model_config.py), the
         tokenizer against the model's vocabulary, and the weights plus the KV cache against the
@@ -94,6 +99,9 @@ class Llama:
         args = checkpoint.args if sliding_window is None else replace(checkpoint.args, sliding_window=sliding_window)
         model = empty_model(args, backend)
         cfg = quantization_to_load(checkpoint, cfg, quant, int8_threshold)
+        refusal = capture_refusal(device, cfg, args.n_experts) if cuda_graph else None
+        if refusal is not None:
+            raise ValueError(f"cuda_graph: {refusal}")
         check_memory_fits(model, cfg, device, dtype, max_batch_size, max_seq_len, kv_cache,
                           gguf_packed_weights(checkpoint, cfg))
         load_weights(model, checkpoint, cfg, device, dtype)
@@ -103,6 +111,8 @@ class Llama:
         model.fuse_projections(partial(fused_product, int8_matmul=int8_matmul))
         model.setup_caches(max_batch_size, max_seq_len, dtype, device, prefill_chunk, kv_cache)
         model.eval()
+        if cuda_graph:
+            model.decode_graph = DecodeGraphs()
         never_generate(model, ids_beyond_tokenizer(tokenizer, args.vocab_size))
         log.info("Loaded %s in %.1f s (%s, %s, %s, %s attention): %s", source, time.perf_counter() - start,
                  cfg.name, device, str(dtype).removeprefix("torch."), backend, describe_memory(model, device))

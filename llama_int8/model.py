@@ -263,7 +263,7 @@ class KVCache(nn.Module):
         cache_rows, positions = rows.rows, rows.positions
         self.k[cache_rows, :, positions] = k[:, :, 0]
         self.v[cache_rows, :, positions] = v[:, :, 0]
-        t = max(rows.starts) + 1
+        t = rows.span(self.k.shape[2])
         visible = torch.arange(t, device=k.device) <= positions[:, None]
         return rows.select(self.k, t), rows.select(self.v, t), visible
 
@@ -323,7 +323,7 @@ class RollingKVCache(nn.Module):
         w = self.window
         self.k[cache_rows, :, positions % w] = k[:, :, 0]
         self.v[cache_rows, :, positions % w] = v[:, :, 0]
-        t = min(max(rows.starts) + 1, w)
+        t = rows.span(w)
         visible = torch.arange(t, device=k.device) < (positions[:, None] + 1).clamp(max=w)
         return rows.select(self.k, t), rows.select(self.v, t), visible
 
@@ -637,6 +637,13 @@ class DecodeRows:
     starts: tuple[int, ...]
     rows: torch.Tensor
     positions: torch.Tensor
+    # Attend over every position a cache holds, masked, instead of up to the furthest row's: shapes
+    # that never change from step to step, and no position read on the host (see decode_hidden).
+    whole_cache: bool = False
+
+    def span(self, length: int) -> int:
+        """How many of a cache's length positions the step attends over."""
+        return length if self.whole_cache else min(max(self.starts) + 1, length)
 
     def select(self, buffer: torch.Tensor, t: int) -> torch.Tensor:
         """These rows' first t positions of a cache buffer [batch, kv_heads, positions, d]: a view when
@@ -844,6 +851,9 @@ class Transformer(nn.Module):
         self.batch_invariant = True
         self.kv_cache = "model"  # one of KV_CACHES; set by setup_caches
         self.head_product: Product | None = None  # see fuse_projections
+        # A replayed decode step (cuda_graphs.DecodeGraphs): given the model, hidden states for tokens
+        # [b, 1] at one position, or None where it has no graph for them and forward runs the blocks.
+        self.decode_graph: Callable[[Transformer, torch.Tensor, int], torch.Tensor | None] | None = None
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
                      device: torch.device | str, prefill_chunk: int | None = None, kv_cache: str = "model") -> None:
@@ -925,6 +935,10 @@ class Transformer(nn.Module):
         """
         b, s = tokens.shape
         place = self.place_rows(b, s, start_pos, cache_rows)
+        if self.decode_graph is not None and s == 1 and isinstance(place, int) and not torch.is_grad_enabled():
+            h = self.decode_graph(self, tokens, place)
+            if h is not None:
+                return self.logits(h)
         chunk = self.prefill_chunk or s
         hidden: list[torch.Tensor] = []
         for i in range(0, s, chunk):
@@ -933,7 +947,10 @@ class Transformer(nn.Module):
                 hidden = [h[:, -1:]]
             else:
                 hidden.append(h)
-        h = self.norm(hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=1))
+        return self.logits(self.norm(hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=1)))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's float32 logits [..., vocab] of normalized hidden states h [..., dim]."""
         if self.head_product is not None and not torch.is_grad_enabled():
             logits = self.head_product(h.view(-1, h.shape[-1])).view(*h.shape[:-1], -1)
         else:
@@ -965,6 +982,18 @@ class Transformer(nn.Module):
             return DecodeRows(tuple(rows), tuple(starts), torch.tensor(rows, device=device),
                               torch.tensor(starts, device=device))
         return RowPlaces(tuple(rows), tuple(starts))
+
+    def decode_hidden(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The normalized hidden state [b, 1, dim] of one decode step of cache rows 0..b-1, tokens
+        [b, 1] each at its own position (positions [b], on the model's device): the head's input.
+
+        Every shape is fixed by the cache, whatever the positions (attention runs over all the
+        positions a cache holds, the ones beyond each row's masked), and nothing is read back to the
+        host: the step a CUDA graph can capture once and replay at every position (cuda_graphs.py).
+        The numbers are forward's up to the order of attention's sums."""
+        b = tokens.shape[0]
+        place = DecodeRows(tuple(range(b)), (), torch.arange(b, device=tokens.device), positions, whole_cache=True)
+        return self.norm(self.run_blocks(tokens, place))
 
     def run_blocks(self, tokens: torch.Tensor, place: int | RowPlaces | DecodeRows) -> torch.Tensor:
         """Hidden states [b, s, dim] after the last block, for tokens [b, s] at place onwards."""

@@ -169,3 +169,34 @@ def test_4bit_prefill_dequantizes_the_whole_weight_to_16_bits_and_decode_does_no
     decode, prefill = transient(1), transient(2048)
     assert decode < sixteen_bit // 8, decode
     assert prefill >= sixteen_bit, (prefill, sixteen_bit)
+
+
+# --- Decode steps replayed from CUDA graphs (cuda_graphs.py; the CPU dry run is test_cuda_graphs.py) --
+
+GRAPH_PROMPTS = [[5, 9, 17, 33, 2, 71], [40, 41, 8, 12, 90, 3]]
+
+
+@pytest.mark.parametrize("mode, threshold", [("nf4", None), ("none", None), ("int8", 0.0)],
+                         ids=["nf4", "none", "int8-threshold-0"])
+@pytest.mark.parametrize("window", [None, 5], ids=["cache", "window-5"])
+def test_cuda_graph_steps_give_the_eager_tokens(tmp_path, sp_model, mode, threshold, window):
+    """One batch size, then another (a second capture while the cache holds a text); with a window of
+    5 the capture's warm-up writes into a ring slot that holds a visible key, which must come back.
+    LLM.int8() at threshold 0 looks for no outliers, so its layers should not wait on the host."""
+    extra = dict(model_type="mistral", sliding_window=window) if window else {}
+    ref = tiny_hf_model(num_key_value_heads=2, hidden_size=256, intermediate_size=512, **extra)
+    folder = write_hf_folder(ref, tmp_path / "m", tokenizer=sp_model)
+    settings = dict(quant=mode, int8_threshold=threshold, device="cuda", dtype="float32", max_seq_len=64,
+                    max_batch_size=2)
+    eager, graphed = Llama.build(folder, **settings), Llama.build(folder, cuda_graph=True, **settings)
+    for prompts in (GRAPH_PROMPTS[:1], GRAPH_PROMPTS):
+        want = eager.generate(prompts, max_gen_len=16, temperature=0, stop_ids=())
+        assert graphed.generate(prompts, max_gen_len=16, temperature=0, stop_ids=()) == want
+    graphs = graphed.model.decode_graph
+    assert graphs.failure is None and sorted(graphs.steps) == [1, 2]
+
+
+def test_cuda_graph_refused_for_int8(tmp_path, sp_model):
+    _, folder = tiny_folder(tmp_path, sp_model)
+    with pytest.raises(ValueError, match="cuda_graph: LLM.int8.. layers with an outlier threshold"):
+        Llama.build(folder, quant="int8", device="cuda", cuda_graph=True)

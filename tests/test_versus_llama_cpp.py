@@ -33,3 +33,14 @@ def test_speed_runs_each_combination_of_modes_once_named_by_what_differs():
     assert runs == [Variant("int8", "model", "llm.int8"), Variant("int8", "model", "weight_only"),
                     Variant("nf4", "model", "llm.int8")]
     assert [run.name(runs[0]) for run in runs] == ["llama_int8", "llama_int8, weight_only", "llama_int8, nf4"]
+
+
+def test_speed_runs_cuda_graphs_beside_eager_steps_for_the_modes_that_allow_them():
+    """--quant nf4,int8 --cuda_graph false,true: nf4 with and without; int8 without only (its layers
+    wait on the host, which a graph cannot hold)."""
+    from benchmarks.speed import Variant, variants
+
+    runs = variants(["nf4", "int8"], ["model"], ["llm.int8"], [False, True])
+    assert runs == [Variant("nf4", "model", "llm.int8", False), Variant("nf4", "model", "llm.int8", True),
+                    Variant("int8", "model", "llm.int8", False)]
+    assert [run.name(runs[0]) for run in runs] == ["llama_int8", "llama_int8, CUDA graph", "llama_int8, int8"]
