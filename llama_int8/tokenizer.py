@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from .checkpoint_error import read_json
+
 if TYPE_CHECKING:
     import tokenizers
 
@@ -194,9 +196,6 @@ def read_text_file(path: Path) -> str:
 def read_optional_json(path: Path) -> dict:
     """A JSON object beside the tokenizer, {} when the file is absent; CheckpointError naming the
     file when it is not a valid JSON object."""
-    # Imported here: formats.common imports this module, so a module-level import would be circular.
-    from .formats.common import read_json
-
     return read_json(path) if path.exists() else {}
 
 

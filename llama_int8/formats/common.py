@@ -8,7 +8,6 @@ Imports no other format: each format module builds on this one, and only `format
 
 from __future__ import annotations
 
-import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -20,15 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from ..checkpoint_error import CheckpointError, read_json
 from ..model import ModelArgs
 from ..tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
 
 if TYPE_CHECKING:
     from ..quantize import QuantConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed or does not match the model it describes."""
 
 
 @dataclass
@@ -239,17 +235,6 @@ def to_half_split_layout(name: str, t: torch.Tensor, args: ModelArgs) -> torch.T
 
 
 # --- Safe reads ------------------------------------------------------------------------------------
-
-def read_json(path: Path) -> dict:
-    """A checkpoint's JSON file, which must hold an object."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
 
 def file_inside(folder: Path, entry: Any, listed_in: Path) -> Path:
     """folder/entry, for a file name read from the checkpoint's own metadata (listed_in): refused
