@@ -370,10 +370,10 @@ class Gemv4bitProduct:
         rows, bf16 = a.shape[0], a.dtype == torch.bfloat16
         a16 = a.contiguous() if bf16 else a.to(torch.bfloat16).contiguous()
         out = self.output(rows, a.dtype)
-        m, k, lda, ldc = ct.c_int64(rows), ct.c_int64(self.k), ct.c_int64(self.k), ct.c_int64(self.n)
-        a_ptr, out_ptr = a16.data_ptr(), out.data_ptr()
+        m, k, ldc = ct.c_int64(rows), ct.c_int64(self.k), ct.c_int64(self.n)  # a16's rows are k apart
+        a_ptr, out_ptr = ct.c_void_p(a16.data_ptr()), out.data_ptr()
         for n, weight, absmax, offset in self.parts:
-            self.kernel(m, n, k, ct.c_void_p(a_ptr), weight, absmax, ct.c_void_p(out_ptr + offset), self.blocksize, lda, ldc)
+            self.kernel(m, n, k, a_ptr, weight, absmax, ct.c_void_p(out_ptr + offset), self.blocksize, k, ldc)
         if not bf16:
             out = out.to(a.dtype)
         return out if self.bias is None else out.add_(self.bias)
