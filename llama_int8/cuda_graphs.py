@@ -57,7 +57,9 @@ class CapturedStep:
                     model.decode_hidden(self.tokens, self.positions)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # Captured on the warm-up's stream: libraries that keep a handle per stream (cuBLAS's
+            # workspace) made theirs during the warm-up, not inside the capture.
+            with torch.cuda.graph(self.graph, stream=side):
                 self.hidden = model.decode_hidden(self.tokens, self.positions)
         finally:
             torch.cuda.current_stream(device).wait_stream(side)
